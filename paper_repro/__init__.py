@@ -1,0 +1,19 @@
+"""Adversarial Fine-Tuning (Jeddi et al., 2020) and its baselines, behind one runner.
+
+Public API (everything else is internal):
+    RunConfig, build_config, load_experiment, resolve_row   -- configuration
+    train                                                   -- run one config end to end
+    create_model, list_models                               -- model registry
+    pgd, fgsm_rs                                            -- the attacks
+    make_schedule                                           -- LR schedules
+    load                                                    -- the results store as a DataFrame
+"""
+from .attacks import fgsm_rs, pgd
+from .config import RunConfig, build_config, load_experiment, resolve_row
+from .models import create_model, list_models
+from .results import load
+from .runner import train
+from .schedules import make_schedule
+
+__all__ = ["RunConfig", "build_config", "load_experiment", "resolve_row", "train",
+           "create_model", "list_models", "pgd", "fgsm_rs", "make_schedule", "load"]

@@ -1,0 +1,246 @@
+"""`python -m paper_repro`: run, finetune, sweep, table, aggregate.
+
+Every user error (bad flag value, missing data, unsafe checkpoint...) ends as one line on
+stderr and exit status 2; nothing already in the results store is overwritten.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+from .errors import ReproError
+
+# flag -> config key; each flag's value goes through the same validation as TOML values
+_OVERRIDE_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--method", "method", str, "training method (see --list)"),
+    ("--dataset", "dataset", str, "cifar10, cifar100, fashion-mnist"),
+    ("--data-root", "data_root", str, "dataset folder (default $REPRO_DATA, then ./data)"),
+    ("--arch", "arch", str, "model name (see --list)"),
+    ("--epochs", "epochs", int, "epochs (data passes)"),
+    ("--batch-size", "batch_size", int, "minibatch size"),
+    ("--lr", "lr", float, "base / peak learning rate"),
+    ("--eps", "eps", str, "L∞ radius in pixels, e.g. 8/255 or 0.1"),
+    ("--train-subset", "train_subset", int, "use N training images"),
+    ("--eval-n", "eval_n", int, "test images for the final PGD (default all)"),
+    ("--init", "init", str, "start from weights: a checkpoint file or run:<run-path>"),
+    ("--max-steps", "max_steps", int, "stop after N optimiser steps"),
+    ("--device", "device", str, "auto, cpu, cuda, cuda:1"),
+    ("--results-dir", "results_dir", str, "results store (default results)"),
+]
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("config overrides (applied last)")
+    for flag, _key, typ, help_ in _OVERRIDE_FLAGS:
+        g.add_argument(flag, type=typ, default=None, help=help_)
+    g.add_argument("--deterministic", action="store_true", default=None,
+                   help="bit-reproducible mode (resume gives identical results)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config key, e.g. --set schedule_args.peak_at=0.2 (repeatable)")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from .config import _deep_merge, parse_override
+
+    out: dict[str, Any] = {}
+    for flag, key, _typ, _help in _OVERRIDE_FLAGS:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is not None and key != "method":
+            out[key] = value
+    if getattr(args, "deterministic", None):
+        out["deterministic"] = True
+    for text in args.set:
+        key, value = parse_override(text)
+        out = _deep_merge(out, {key: value})
+    return out
+
+
+def _default_scale() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "paper"
+    print("no GPU found: using the cpu scale (Fashion-MNIST stand-ins); --scale paper to "
+          "force the paper's setup", file=sys.stderr)
+    return "cpu"
+
+
+def _recipe(method: str) -> dict[str, Any]:
+    from .methods import get_method
+
+    return get_method(method).recipe
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import build_config, load_experiment, resolve_row
+    from .runner import train
+
+    overrides = _overrides(args)
+    if args.experiment:
+        exp = load_experiment(args.experiment)
+        rows = [args.row] if args.row else exp.row_ids
+        scale = args.scale or _default_scale()
+        from .methods import list_methods
+        for row_id in rows:
+            method = exp.row(row_id)["method"]
+            if not args.row and method not in list_methods():
+                print(f"skip {exp.name}/{row_id}: method '{method}' is not implemented yet")
+                continue
+            for seed in _seeds(args):
+                cfg = resolve_row(exp, row_id, scale, seed=seed, overrides=overrides,
+                                  method_recipe=_recipe(method))
+                _report(train(cfg, resume=args.resume))
+        return 0
+    method = args.method or "natural"
+    for seed in _seeds(args):
+        cfg = build_config(("method recipe", _recipe(method)), ("command line", overrides),
+                           experiment="adhoc", row=args.name or method,
+                           scale=args.scale or "cpu", seed=seed, method=method)
+        _report(train(cfg, resume=args.resume))
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """AFT on any pre-trained model (`--init` required)."""
+    if not args.init:
+        raise ReproError("finetune needs --init (a checkpoint file or run:<run-path>)")
+    args.method = "aft"
+    args.experiment = None
+    return cmd_run(args)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run every row (x seeds) of an experiment, then render its table."""
+    args.row = None
+    args.scale = args.scale or _default_scale()
+    if args.rows:
+        from .config import load_experiment
+        exp = load_experiment(args.experiment)
+        for row_id in args.rows.split(","):
+            exp.row(row_id)  # validate before training anything
+            args.row = row_id
+            cmd_run(args)
+    else:
+        cmd_run(args)
+    args.experiments = [args.experiment]
+    return cmd_table(args)
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from .report.tables import write_table
+
+    scale = args.scale or _default_scale()
+    for name in args.experiments:
+        paths = write_table(name, scale, results_dir=args.results_dir or "results")
+        print(paths["md"].read_text())
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    """Rebuild every table and figure from the store alone (no training)."""
+    from .report.figures import write_figures
+    from .report.tables import tables_with_results, write_table
+
+    results_dir = args.results_dir or "results"
+    scales = [args.scale] if args.scale else ["smoke", "cpu", "paper"]
+    for scale in scales:
+        for name in tables_with_results(scale, results_dir):
+            paths = write_table(name, scale, results_dir=results_dir)
+            print(f"wrote {paths['md']}")
+        for path in write_figures(scale, results_dir=results_dir):
+            print(f"wrote {path}")
+    return 0
+
+
+def _seeds(args: argparse.Namespace) -> list[int]:
+    if args.seeds < 1:
+        raise ReproError("--seeds must be >= 1")
+    return list(range(args.seed, args.seed + args.seeds))
+
+
+def _report(record: dict[str, Any]) -> None:
+    print(f"{record.get('run_path')}: clean {record.get('clean_acc', float('nan')):.2f}% "
+          f"PGD-{record.get('eval_steps')} {record.get('pgd_acc', float('nan')):.2f}% "
+          f"train {record.get('train_minutes', 0):.2f} min [{record.get('status')}]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m paper_repro",
+                                     description="Adversarial Fine-Tuning reproduction suite")
+    parser.add_argument("--list", action="store_true",
+                        help="list methods, models, datasets, schedules and experiments")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def runlike(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--scale", choices=["smoke", "cpu", "paper"], default=None,
+                       help="default: paper with a GPU, else cpu")
+        p.add_argument("--seed", type=int, default=0, help="first seed")
+        p.add_argument("--seeds", type=int, default=1, help="number of seeds (runs per row)")
+        p.add_argument("--resume", action="store_true",
+                       help="require a checkpoint to continue from (runs resume anyway)")
+        _add_overrides(p)
+        return p
+
+    p = runlike("run", "train and evaluate one run, or rows of an experiment")
+    p.add_argument("--experiment", help="experiment file name (e.g. table1)")
+    p.add_argument("--row", help="one row of the experiment (default: all)")
+    p.add_argument("--name", help="row name of an ad-hoc run (default: the method)")
+    p.set_defaults(func=cmd_run)
+
+    p = runlike("finetune", "adversarially fine-tune a pre-trained model (AFT)")
+    p.add_argument("--name", default="finetune", help="row name in the store")
+    p.set_defaults(func=cmd_finetune)
+
+    p = runlike("sweep", "run all rows of an experiment, then render its table")
+    p.add_argument("experiment", help="experiment name, e.g. table1")
+    p.add_argument("--rows", help="comma-separated subset of rows")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("table", help="render tables from the results store")
+    p.add_argument("experiments", nargs="+", help="e.g. table1")
+    p.add_argument("--scale", choices=["smoke", "cpu", "paper"], default=None)
+    p.add_argument("--results-dir", default=None)
+    p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("aggregate", help="rebuild every table and figure from results/ alone")
+    p.add_argument("--scale", choices=["smoke", "cpu", "paper"], default=None)
+    p.add_argument("--results-dir", default=None)
+    p.set_defaults(func=cmd_aggregate)
+    return parser
+
+
+def _print_lists() -> None:
+    from .config import list_experiments
+    from .data import list_datasets
+    from .methods import list_methods
+    from .models import list_models
+    from .schedules import SCHEDULES
+
+    print("methods:    ", ", ".join(list_methods()))
+    print("models:     ", ", ".join(list_models()))
+    print("datasets:   ", ", ".join(list_datasets()))
+    print("schedules:  ", ", ".join(sorted(SCHEDULES)))
+    print("experiments:", ", ".join(list_experiments()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.list:
+            _print_lists()
+            return 0
+        if not args.command:
+            parser.print_help()
+            return 0
+        return args.func(args)
+    except ReproError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last finished epoch is checkpointed; rerun to resume",
+              file=sys.stderr)
+        return 130

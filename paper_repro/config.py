@@ -1,0 +1,322 @@
+"""The typed run configuration, resolved once from method recipe + experiment file + CLI flags.
+
+Resolution order (later wins), the same for every run:
+  1. `RunConfig` defaults
+  2. the method's reference recipe (`Method.recipe`: the paper-scale defaults of its reference code)
+  3. the experiment's scale block (`[scales.cpu]`: dataset, model and budget of the stand-in)
+  4. the row's own keys, then the row's scale block (`[rows.cpu]`)
+  5. CLI overrides
+Dict-valued keys (method_args, schedule_args, model_args, pretrain) merge key by key.
+The result is frozen; `config_hash()` identifies it (execution-only fields excluded).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+SCALES = ("smoke", "cpu", "paper")
+EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a run. ε and α are fractions of the [0,1] pixel range."""
+
+    # identity
+    experiment: str = "adhoc"
+    row: str = "run"
+    scale: str = "cpu"
+    seed: int = 0
+    # method
+    method: str = "natural"
+    method_args: dict = field(default_factory=dict)
+    # data
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    train_subset: int | None = None      # first N images of a fixed permutation (data seed 0)
+    extra_data: str | None = None        # pre-training only: None, "pseudo-label" or "ti500k"
+    extra_data_n: int = 0                # pseudo-label: held-out images taken after the subset
+    extra_data_path: str | None = None   # ti500k: the pickle
+    batch_size: int = 128
+    augment_pad: int = 4
+    augment_pad_mode: str = "zeros"
+    augment_pad_value: float = 0.0
+    augment_flip: bool = True
+    drop_last: bool = True
+    # model
+    arch: str = "cnn-small"
+    model_args: dict = field(default_factory=dict)
+    init: str | None = None              # start from weights: a file or run:<run-id>
+    pretrain: dict | None = None         # AFT: overrides for the natural pre-training run
+    # optimisation
+    epochs: int = 10
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    wd_scope: str = "all"                # "all", "weights" (conv/linear weights only), "no_bn"
+    schedule: str = "piecewise"
+    schedule_args: dict = field(default_factory=dict)
+    # threat model
+    eps: float = 8 / 255
+    # evaluation (DESIGN §7): PGD-20, α = ε/4, one random start, eval mode, fp32
+    eval_steps: int = 20
+    eval_alpha: float | None = None      # None: ε/4
+    eval_n: int | None = None            # test images for the final PGD (None: all)
+    eval_batch: int = 500
+    monitor_n: int = 500                 # per-epoch PGD on this many fixed test and train images
+    monitor_steps: int = 10
+    # execution (not part of the hash)
+    device: str = "auto"
+    deterministic: bool = False
+    max_steps: int | None = None         # stop after N optimiser steps (smoke-testing paper configs)
+    results_dir: str = "results"
+
+    @property
+    def eval_alpha_value(self) -> float:
+        return self.eps / 4 if self.eval_alpha is None else self.eval_alpha
+
+    @property
+    def run_path(self) -> str:
+        """The run's id and its place in the store: <scale>/<experiment>/<row>/seed<k>."""
+        return f"{self.scale}/{self.experiment}/{self.row}/seed{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def config_hash(self, exclude: tuple[str, ...] = ()) -> str:
+        """sha256 of the canonical JSON of every field that changes the result."""
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in _EXECUTION_FIELDS and k not in exclude}
+        blob = json.dumps(d, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+    def cell_hash(self) -> str:
+        """Identifies a table cell: the config up to the seed (seeds of one cell share it)."""
+        return self.config_hash(exclude=("seed",))
+
+
+_EXECUTION_FIELDS = frozenset({"device", "results_dir", "data_root"})
+_FIELD_TYPES = typing.get_type_hints(RunConfig)
+_DICT_FIELDS = frozenset(k for k, t in _FIELD_TYPES.items()
+                         if t is dict or dict in typing.get_args(t))
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(RunConfig))
+
+_CHOICES = {
+    "scale": SCALES,
+    "optimizer": ("sgd", "adam"),
+    "wd_scope": ("all", "weights", "no_bn"),
+    "augment_pad_mode": ("zeros", "reflect", "constant"),
+    "extra_data": (None, "pseudo-label", "ti500k"),
+}
+
+
+def parse_fraction(value: Any, key: str) -> float:
+    """Accept 0.031, 8/255 as a string, or an int; return a float."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(Fraction(value.strip()))
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise ConfigError(f"{key}: expected a number such as 0.031 or 8/255, got {value!r}")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Check one value against the field's annotation; numbers may be given as 'a/b'."""
+    annotation = _FIELD_TYPES[key]
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) \
+        else (annotation,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{key}: a value is required")
+    base = next(t for t in allowed if t is not type(None))
+    if base is float:
+        return parse_fraction(value, key)
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if base is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table of settings, got {value!r}")
+        return value
+    raise AssertionError(f"unhandled type for {key}: {annotation}")  # a bug, not user input
+
+
+def _merge(base: dict[str, Any], layer: Mapping[str, Any], where: str) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in layer.items():
+        if key not in _FIELD_TYPES:
+            raise ConfigError(f"unknown config key '{key}' in {where} "
+                              f"(valid: {', '.join(FIELD_NAMES)})")
+        if key in _DICT_FIELDS and isinstance(out.get(key), dict) and isinstance(value, dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _deep_merge(a: dict, b: Mapping) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) \
+            else v
+    return out
+
+
+def _validate(values: dict[str, Any]) -> dict[str, Any]:
+    values = {k: _coerce(k, v) for k, v in values.items()}
+    for key, choices in _CHOICES.items():
+        if values.get(key) not in choices:
+            shown = ", ".join(str(c) for c in choices if c is not None)
+            raise ConfigError(f"{key}: '{values.get(key)}' is not one of {shown}")
+    checks = [
+        (0 <= values["eps"] <= 1, "eps must be in [0, 1] (a fraction of the pixel range, e.g. 8/255)"),
+        (values["eval_alpha"] is None or 0 < values["eval_alpha"] <= 1, "eval_alpha must be in (0, 1]"),
+        (values["epochs"] >= 1, "epochs must be >= 1"),
+        (values["batch_size"] >= 1, "batch_size must be >= 1"),
+        (values["lr"] > 0, "lr must be > 0"),
+        (values["weight_decay"] >= 0, "weight_decay must be >= 0"),
+        (0 <= values["momentum"] < 1, "momentum must be in [0, 1)"),
+        (values["seed"] >= 0, "seed must be >= 0"),
+        (values["eval_steps"] >= 0, "eval_steps must be >= 0"),
+        (values["train_subset"] is None or values["train_subset"] >= 1, "train_subset must be >= 1"),
+        (values["eval_n"] is None or values["eval_n"] >= 1, "eval_n must be >= 1"),
+        (values["max_steps"] is None or values["max_steps"] >= 1, "max_steps must be >= 1"),
+        (values["augment_pad"] >= 0, "augment_pad must be >= 0"),
+        (values["monitor_n"] >= 0, "monitor_n must be >= 0"),
+        (values["extra_data_n"] >= 0, "extra_data_n must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return values
+
+
+def build_config(*layers: tuple[str, Mapping[str, Any]], **identity: Any) -> RunConfig:
+    """Merge (where, values) layers over the defaults, validate, freeze."""
+    values = {f.name: getattr(RunConfig(), f.name) for f in dataclasses.fields(RunConfig)}
+    for where, layer in layers:
+        values = _merge(values, layer, where)
+    values = _merge(values, identity, "run identity")
+    return RunConfig(**_validate(values))
+
+
+# --- experiment files ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Experiment:
+    """A table or figure: its rows (data, not code) and the per-scale stand-in settings."""
+
+    name: str
+    title: str
+    paper_csv: str | None
+    scales: dict[str, dict]
+    rows: tuple[dict, ...]
+    footnote: str = ""
+
+    @property
+    def row_ids(self) -> list[str]:
+        return [r["id"] for r in self.rows]
+
+    def row(self, row_id: str) -> dict:
+        for r in self.rows:
+            if r["id"] == row_id:
+                return r
+        raise ConfigError(f"experiment '{self.name}' has no row '{row_id}' "
+                          f"(rows: {', '.join(self.row_ids)})")
+
+    def scale_chain(self, scale: str) -> list[str]:
+        """Scales whose settings apply, base first: smoke inherits cpu (`inherits = "cpu"`)."""
+        chain: list[str] = []
+        while scale:
+            chain.insert(0, scale)
+            scale = self.scales.get(scale, {}).get("inherits", "")
+        return chain
+
+
+_ROW_META = {"id", "label", "method", "paper_row", "note", *SCALES}
+
+
+def list_experiments() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml"))
+
+
+def load_experiment(name_or_path: str) -> Experiment:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = EXPERIMENTS_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise ConfigError(f"no experiment file '{name_or_path}' "
+                          f"(known: {', '.join(list_experiments())})")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: malformed TOML ({e})") from None
+    rows = data.get("rows", [])
+    if not rows or any("id" not in r or "method" not in r for r in rows):
+        raise ConfigError(f"{path}: every [[rows]] entry needs an id and a method")
+    return Experiment(name=data.get("name", path.stem), title=data.get("title", path.stem),
+                      paper_csv=data.get("paper_csv"), scales=data.get("scales", {}),
+                      rows=tuple(rows), footnote=data.get("footnote", ""))
+
+
+def resolve_row(exp: Experiment, row_id: str, scale: str, *, seed: int = 0,
+                overrides: Mapping[str, Any] | None = None,
+                method_recipe: Mapping[str, Any] | None = None) -> RunConfig:
+    """The frozen config of one row at one scale (see the module docstring for the order)."""
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale '{scale}' (valid: {', '.join(SCALES)})")
+    row = exp.row(row_id)
+    layers: list[tuple[str, Mapping[str, Any]]] = [("method recipe", method_recipe or {})]
+    for s in exp.scale_chain(scale):
+        block = {k: v for k, v in exp.scales.get(s, {}).items() if k != "inherits"}
+        layers.append((f"{exp.name} [scales.{s}]", block))
+    layers.append((f"{exp.name} row '{row_id}'",
+                   {k: v for k, v in row.items() if k not in _ROW_META}))
+    for s in exp.scale_chain(scale):
+        layers.append((f"{exp.name} row '{row_id}' [{s}]", row.get(s, {})))
+    layers.append(("command line", overrides or {}))
+    return build_config(*layers, experiment=exp.name, row=row_id, scale=scale, seed=seed,
+                        method=row["method"])
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'key=value' from the command line; the value is read as TOML, else taken as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    key = key.strip().replace("-", "_")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    if "." in key:  # method_args.steps=7
+        head, tail = key.split(".", 1)
+        return head, {tail: value}
+    return key, value

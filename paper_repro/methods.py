@@ -1,0 +1,195 @@
+"""The one interface every training method implements, and the registry that names them.
+
+A method is a small class registered under its key (the key equals its file name in
+`baselines/`, e.g. `fast_at`). It declares a dataclass of its own settings whose defaults
+are its reference recipe, and a `recipe` of run-level defaults (optimiser, schedule, epochs,
+architecture). The runner hands it a `Context` and calls `train_epoch(ctx)` once per epoch.
+A method never builds data, models, loggers or evaluation and never writes files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from .config import RunConfig
+from .data import ArrayLoader
+from .errors import ConfigError
+from .schedules import Schedule
+
+_METHODS: dict[str, type["Method"]] = {}
+_BUILTIN_MODULES = ("baselines", "paper_repro.aft")
+
+
+def register_method(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: registers `cls` under `cls.name`."""
+    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
+        raise ValueError(f"method '{cls.name}' registered twice")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+def list_methods() -> list[str]:
+    _load_builtins()
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> type["Method"]:
+    _load_builtins()
+    if name not in _METHODS:
+        raise ConfigError(f"unknown method '{name}' (valid: {', '.join(sorted(_METHODS))})")
+    return _METHODS[name]
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """For methods without settings of their own."""
+
+
+class Meter:
+    """Loss and accuracy summed on the device; one host sync per epoch, in `result()`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.count = 0
+
+    def update(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        self.loss += loss.detach().double() * y.numel()
+        self.correct += (logits.detach().argmax(1) == y).sum()
+        self.count += y.numel()
+
+    def result(self, prefix: str = "train") -> dict[str, float]:
+        n = max(self.count, 1)
+        return {f"{prefix}_loss": self.loss.item() / n, f"{prefix}_acc": 100.0 * self.correct.item() / n}
+
+
+@dataclass
+class Context:
+    """What the runner hands a method for one epoch."""
+
+    model: nn.Module
+    optimizers: list[torch.optim.Optimizer]
+    schedule: Schedule
+    loader: ArrayLoader
+    cfg: RunConfig
+    device: torch.device
+    epoch: int
+    steps_per_epoch: int
+    global_step: int = 0
+    lr_log: list[float] = dataclasses.field(default_factory=list)  # the LR of every step taken
+    stop_reason: str | None = None  # set by `request_stop`: the runner ends training after this epoch
+
+    @property
+    def eps(self) -> float:
+        return self.cfg.eps
+
+    @property
+    def done(self) -> bool:
+        """True once `max_steps` optimiser steps have been taken (methods stop their loop)."""
+        return self.cfg.max_steps is not None and self.global_step >= self.cfg.max_steps
+
+    def request_stop(self, reason: str) -> None:
+        """End training after this epoch (e.g. Fast AT's catastrophic-overfitting guard)."""
+        self.stop_reason = reason
+
+    @property
+    def progress(self) -> float:
+        """Training progress in epochs of optimiser steps, the schedules' clock."""
+        return self.global_step / self.steps_per_epoch
+
+    def current_lr(self) -> float:
+        return self.schedule.lr(self.progress)
+
+    def step(self, optimizers: list[torch.optim.Optimizer] | None = None) -> None:
+        """Set this iteration's LR (and momentum), step, zero the gradients, count the step."""
+        t = self.progress
+        lr = self.schedule.lr(t)
+        self.lr_log.append(lr)
+        momentum = self.schedule.momentum(t) if self.schedule.momentum else None
+        for opt in optimizers or self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+                if momentum is not None:
+                    if "betas" in group:
+                        group["betas"] = (momentum, group["betas"][1])
+                    else:
+                        group["momentum"] = momentum
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        self.global_step += 1
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, scope: str) -> list[dict[str, Any]]:
+    """Split parameters for weight decay: all of them, conv/linear weights only (TF `DW`), or no BN."""
+    if scope == "all":
+        return [{"params": [p for p in model.parameters() if p.requires_grad],
+                 "weight_decay": weight_decay}]
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+            if scope == "weights":
+                wants = name == "weight" and isinstance(module, (nn.Conv2d, nn.Linear))
+            else:  # "no_bn"
+                wants = not is_bn
+            (decay if wants else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(params: Any, cfg: RunConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class Method:
+    """Base class: one epoch of training, driven by the runner."""
+
+    name: ClassVar[str] = ""
+    Settings: ClassVar[type] = NoSettings
+    recipe: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.settings = self.make_settings(cfg.method_args)
+
+    @classmethod
+    def make_settings(cls, args: dict[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls.Settings)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ConfigError(f"method '{cls.name}': unknown setting(s) {', '.join(unknown)} "
+                              f"(valid: {', '.join(sorted(known)) or 'none'})")
+        return cls.Settings(**args)
+
+    def make_optimizers(self, model: nn.Module) -> list[torch.optim.Optimizer]:
+        groups = parameter_groups(model, self.cfg.weight_decay, self.cfg.wd_scope)
+        return [make_optimizer(groups, self.cfg)]
+
+    def optimizer_steps_per_epoch(self, batches: int) -> int:
+        """Optimiser steps in one epoch (Free AT replays each batch m times)."""
+        return batches
+
+    def train_epoch(self, ctx: Context) -> dict[str, float]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """State carried across batches/epochs (Free AT's δ, ATTA's stored images)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

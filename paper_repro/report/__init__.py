@@ -1,0 +1,1 @@
+"""Tables and figures, rendered from the results store only (`paper_repro.results.load`)."""

@@ -1,0 +1,176 @@
+"""Experiment tables: our numbers (mean ± std over seeds) beside the paper's, from the store.
+
+Each table is written as Markdown, CSV and LaTeX to results/tables/<scale>/<name>.*.
+Cells are computed from `results.load()` and the paper's numbers from results/paper/*.csv;
+a row that has no finished run shows empty measured cells and "not run".
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .. import results
+from ..config import load_experiment
+from ..errors import ReproError
+
+REPO_PAPER_DIR = Path(__file__).resolve().parents[2] / "results" / "paper"
+MEASURED = ["clean_acc", "pgd_acc", "train_minutes", "pretrain_minutes", "cost_pflop",
+            "pretrain_pflop"]
+
+
+def _paper_numbers(exp_paper_csv: str | None, results_dir: str | Path) -> pd.DataFrame:
+    if not exp_paper_csv:
+        return pd.DataFrame(columns=["row"])
+    path = Path(results_dir) / "paper" / exp_paper_csv
+    if not path.is_file():  # a scratch store (tests, sweeps elsewhere) uses the repo's copy
+        path = REPO_PAPER_DIR / exp_paper_csv
+    if not path.is_file():
+        raise ReproError(f"paper numbers not found: {path}")
+    return pd.read_csv(path)
+
+
+def _stats(values: pd.Series) -> tuple[float, float]:
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    if values.empty:
+        return math.nan, math.nan
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else math.nan
+
+
+def table_frame(name: str, scale: str, results_dir: str | Path = "results") -> pd.DataFrame:
+    """One line per experiment row with measured cells, the paper's cells and the difference."""
+    exp = load_experiment(name)
+    runs = results.load(results_dir, scale=scale)
+    if not runs.empty:
+        runs = runs[runs["experiment"] == exp.name]
+    paper = _paper_numbers(exp.paper_csv, results_dir).set_index("row", drop=False)
+    lines: list[dict[str, Any]] = []
+    for row in exp.rows:
+        rid = row["id"]
+        mine = runs[runs["row"] == rid] if not runs.empty else runs
+        done = mine[mine["status"] == results.STATUS_DONE] if not mine.empty else mine
+        line: dict[str, Any] = {"row": rid, "method": row.get("label", rid),
+                                "arch": None, "dataset": None, "scale": scale, "n_seeds": 0}
+        if not done.empty:
+            if done["cell_hash"].nunique() > 1:
+                raise ReproError(f"{name}/{rid} at scale {scale}: runs with different configs "
+                                 f"({', '.join(sorted(done['cell_hash'].unique()))}) would be "
+                                 "mixed in one cell; remove the stale runs")
+            line.update(arch=done["arch"].iloc[0], dataset=done["dataset"].iloc[0],
+                        n_seeds=int(len(done)))
+            done = done.assign(cost_pflop=pd.to_numeric(done["train_flops"]) / 1e15,
+                               pretrain_pflop=pd.to_numeric(done.get("pretrain_flops"),
+                                                            errors="coerce") / 1e15)
+            for col in MEASURED:
+                mean, std = _stats(done[col]) if col in done else (math.nan, math.nan)
+                line[col] = mean
+                if col in ("clean_acc", "pgd_acc"):
+                    line[col.replace("_acc", "_std")] = std
+            line["eval_n"] = int(done["eval_n"].iloc[0])
+            line["status"] = "done"
+        else:
+            failed = mine[mine["status"] == results.STATUS_FAILED] if not mine.empty else mine
+            line["status"] = (f"failed (epoch {failed['failed_epoch'].iloc[0]})"
+                              if not failed.empty else "not run")
+        if rid in paper.index:
+            p = paper.loc[rid]
+            line.update(paper_arch=p.get("arch"), paper_clean=p.get("clean"),
+                        paper_pgd=p.get("pgd"), paper_time=p.get("time"),
+                        paper_time_unit=p.get("time_unit"), paper_source=p.get("source"))
+        if scale == "paper" and line["status"] == "done":
+            line["diff_clean"] = line["clean_acc"] - float(line.get("paper_clean", math.nan))
+            line["diff_pgd"] = line["pgd_acc"] - float(line.get("paper_pgd", math.nan))
+        lines.append(line)
+    return pd.DataFrame(lines)
+
+
+def _pm(mean: Any, std: Any, digits: int = 2) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return ""
+    text = f"{mean:.{digits}f}"
+    if std is not None and not (isinstance(std, float) and math.isnan(std)):
+        text += f" ± {std:.{digits}f}"
+    return text
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "" if value is None else str(value)
+    return "" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _sci(value: Any) -> str:
+    text = _num(value)
+    return f"{float(value):.3g}" if text else ""
+
+
+def display_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """The human-readable table: text cells, ours beside the paper's."""
+    out = pd.DataFrame({
+        "Method": df["method"], "Arch": df["arch"].fillna(""),
+        "Clean": [_pm(m, s) for m, s in zip(df["clean_acc"] if "clean_acc" in df else [None] * len(df),
+                                             df.get("clean_std", [None] * len(df)))],
+        "PGD": [_pm(m, s) for m, s in zip(df["pgd_acc"] if "pgd_acc" in df else [None] * len(df),
+                                           df.get("pgd_std", [None] * len(df)))],
+        "Time (min)": [_num(v) for v in df.get("train_minutes", [None] * len(df))],
+        "Pre-train (min)": [_num(v) for v in df.get("pretrain_minutes", [None] * len(df))],
+        "Cost (PFLOP)": [_sci(v) for v in df.get("cost_pflop", [None] * len(df))],
+        "Seeds": df["n_seeds"],
+        "Paper arch": df.get("paper_arch", ""),
+        "Paper clean": [_num(v) for v in df.get("paper_clean", [None] * len(df))],
+        "Paper PGD": [_num(v) for v in df.get("paper_pgd", [None] * len(df))],
+        "Paper time": [f"{_num(v, 0)} {u}" if _num(v, 0) else "" for v, u in
+                       zip(df.get("paper_time", [None] * len(df)),
+                           df.get("paper_time_unit", [""] * len(df)))],
+        "Status": df["status"],
+    })
+    if "diff_clean" in df:
+        out.insert(11, "Δ clean", [_num(v) for v in df["diff_clean"]])
+        out.insert(12, "Δ PGD", [_num(v) for v in df["diff_pgd"]])
+    return out
+
+
+def footnote(name: str, scale: str, df: pd.DataFrame) -> str:
+    exp = load_experiment(name)
+    n = sorted({int(v) for v in df.get("eval_n", pd.Series(dtype=float)).dropna()})
+    n_text = "/".join(str(v) for v in n) or "?"
+    text = (f"Protocol: clean accuracy on the full test set; PGD-20 with α = ε/4, one random "
+            f"start, eval-mode model, fp32, on {n_text} fixed test images. Time: the row's own "
+            "training (AFT: fine-tuning only; its natural pre-training is the Pre-train column). "
+            "Cost: training FLOPs counted with torch.utils.flop_counter. "
+            f"Scale: {scale}. ")
+    if scale != "paper":
+        text += ("These are stand-ins, not the paper's setting: " + " ".join(exp.footnote.split()) +
+                 " The paper's columns are shown for reference; differences are computed at "
+                 "paper scale only.")
+    return text
+
+
+def write_table(name: str, scale: str, results_dir: str | Path = "results") -> dict[str, Path]:
+    df = table_frame(name, scale, results_dir)
+    shown = display_frame(df)
+    note = footnote(name, scale, df)
+    out_dir = Path(results_dir) / "tables" / scale
+    exp = load_experiment(name)
+    md = f"### {exp.title} ({scale} scale)\n\n{shown.to_markdown(index=False)}\n\n{note}\n"
+    tex = (shown.to_latex(index=False, escape=True) + "\n% " + note + "\n")
+    paths = {"md": out_dir / f"{name}.md", "csv": out_dir / f"{name}.csv",
+             "tex": out_dir / f"{name}.tex"}
+    results.atomic_write_text(paths["md"], md)
+    results.atomic_write_text(paths["csv"], df.to_csv(index=False))
+    results.atomic_write_text(paths["tex"], tex)
+    return paths
+
+
+def tables_with_results(scale: str, results_dir: str | Path = "results") -> list[str]:
+    """Experiments that have at least one run at this scale (aggregate renders only these)."""
+    runs = results.load(results_dir, scale=scale)
+    if runs.empty:
+        return []
+    from ..config import list_experiments
+    known = set(list_experiments())
+    return sorted(e for e in runs["experiment"].dropna().unique() if e in known)

@@ -1,0 +1,457 @@
+"""Build everything from a RunConfig, drive a method epoch by epoch, evaluate, record.
+
+The runner is the same for every method: data, model, optimisers, schedule, per-epoch
+monitoring, atomic checkpoints, resume, the final evaluation protocol and the record.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from .flops import TotalFlopCounter
+from tqdm import tqdm
+
+from . import results
+from .config import RunConfig, build_config
+from .data import Augment, ArrayLoader, DatasetInfo, dataset_info, load_arrays, load_ti500k
+from .errors import CheckpointError, ConfigError, ReproError
+from .evaluation import clean_accuracy, evaluate, fixed_subset, pgd_accuracy
+from .methods import Context, Method, get_method
+from .models import ImageClassifier, create_model
+from .schedules import make_schedule
+
+_DATA_SEED = 0  # the labelled subset and the held-out pool are the same for every run
+
+
+class TrainingDiverged(ReproError):
+    """The training loss became NaN or Inf."""
+
+
+# --- setup ---------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' requested but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def set_determinism(cfg: RunConfig) -> None:
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def seed_epoch(cfg: RunConfig, epoch: int) -> None:
+    """Every source of randomness of epoch e is a function of (seed, e): resume is exact."""
+    s = cfg.seed * 100_003 + epoch
+    torch.manual_seed(s)
+    random.seed(s)
+
+
+@dataclass
+class Data:
+    info: DatasetInfo
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def load_data(cfg: RunConfig) -> Data:
+    """Train (the labelled subset, plus extra data for pre-training) and test arrays."""
+    info = dataset_info(cfg.dataset)
+    if not info.in_memory:
+        raise ConfigError(f"dataset '{cfg.dataset}' streams from disk; the runner supports "
+                          "in-memory datasets (cifar10, cifar100, fashion-mnist) so far")
+    train_x, train_y = load_arrays(cfg.dataset, cfg.data_root, train=True)
+    test_x, test_y = load_arrays(cfg.dataset, cfg.data_root, train=False)
+    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(_DATA_SEED))
+    n_labelled = len(order) if cfg.train_subset is None else cfg.train_subset
+    if n_labelled + cfg.extra_data_n > len(order):
+        raise ConfigError(f"train_subset + extra_data_n = {n_labelled + cfg.extra_data_n} "
+                          f"exceeds the {len(order)} training images of {cfg.dataset}")
+    labelled = order[:n_labelled]
+    x, y = train_x[labelled], train_y[labelled]
+    if cfg.extra_data == "pseudo-label":
+        pool = order[n_labelled:n_labelled + cfg.extra_data_n]
+        extra_x = train_x[pool]
+        extra_y = pseudo_labels(cfg, info, extra_x)
+        x, y = torch.cat([x, extra_x]), torch.cat([y, extra_y])
+    elif cfg.extra_data == "ti500k":
+        if not cfg.extra_data_path:
+            raise ConfigError("extra_data = 'ti500k' needs extra_data_path (the pickle)")
+        extra_x, extra_y = load_ti500k(cfg.extra_data_path)
+        x, y = torch.cat([x, extra_x]), torch.cat([y, extra_y])
+    return Data(info, x.contiguous(), y.contiguous(), test_x, test_y)
+
+
+def pseudo_labels(cfg: RunConfig, info: DatasetInfo, images: torch.Tensor) -> torch.Tensor:
+    """Self-training (the cpu stand-in of Carmon et al.'s +500K): a teacher trained on the
+    labelled subset labels the held-out images with its predictions."""
+    teacher_cfg = dataclasses.replace(cfg, extra_data=None, extra_data_n=0,
+                                      extra_data_path=None)
+    teacher_dir = ensure_pretrained(teacher_cfg)
+    device = resolve_device(cfg.device)
+    teacher = build_model(teacher_cfg, info).to(device)
+    load_weights(teacher, teacher_dir / "checkpoint.pt")
+    teacher.eval()
+    labels = []
+    with torch.no_grad():
+        for start in range(0, len(images), 1000):
+            x = images[start:start + 1000].to(device).float().div_(255)
+            labels.append(teacher(x).argmax(1).cpu())
+    return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
+
+
+def build_model(cfg: RunConfig, info: DatasetInfo) -> ImageClassifier:
+    return create_model(cfg.arch, num_classes=info.num_classes, in_channels=info.channels,
+                        mean=info.mean, std=info.std, **cfg.model_args)
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load model weights from our checkpoint or a plain state dict, safely (weights_only)."""
+    state = safe_load(path)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: does not fit architecture "
+                              f"{type(model).__name__}: {first}") from None
+
+
+def safe_load(path: Path) -> Any:
+    """torch.load with weights_only=True: a pickled object that would run code is refused."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... alike
+        reason = str(e).strip().splitlines()[0][:160]
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(f"{path}: refused, it is a full pickle rather than a state "
+                                  f"dict (loading it could run code): {reason}") from None
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({reason})") from None
+
+
+def resolve_init(model: nn.Module, cfg: RunConfig) -> str:
+    """Start from pre-trained weights: `init` (a file or run:<run-path>) or the pre-training run."""
+    if cfg.init:
+        if cfg.init.startswith("run:"):
+            path = results.run_dir(cfg.results_dir, cfg.init[4:]) / "checkpoint.pt"
+        elif ":" in cfg.init.split("/")[0]:
+            prefix = cfg.init.split(":")[0]
+            raise ConfigError(f"init: unknown prefix '{prefix}:' (valid: run:<run-path>, "
+                              "or a checkpoint file path)")
+        else:
+            path = Path(cfg.init)
+        load_weights(model, path)
+        return str(path)
+    if cfg.pretrain is not None:
+        directory = ensure_pretrained(pretrain_config(cfg))
+        load_weights(model, directory / "checkpoint.pt")
+        return str(directory)
+    return ""
+
+
+def pretrain_config(cfg: RunConfig) -> RunConfig:
+    """The natural pre-training run of an AFT row: the natural recipe on the row's data and
+    model, then the row's `pretrain` overrides. Stored under pretrain/<hash> and reused."""
+    recipe = get_method("natural").recipe
+    inherited = {k: getattr(cfg, k) for k in (
+        "dataset", "data_root", "train_subset", "arch", "model_args", "seed", "device",
+        "deterministic",
+        "results_dir", "eval_steps", "eval_alpha", "eval_n", "eval_batch", "monitor_n",
+        "monitor_steps", "eps", "augment_pad", "augment_flip", "max_steps")}
+    child = build_config(("natural recipe", recipe), ("AFT row", inherited),
+                         ("pretrain", cfg.pretrain or {}), experiment="pretrain", row="pretrain",
+                         scale=cfg.scale, seed=cfg.seed, method="natural")
+    return child
+
+
+def ensure_pretrained(cfg: RunConfig) -> Path:
+    """The run directory of a finished pre-training run with this config, training it if needed."""
+    path = results.pretrain_path(cfg.scale, cfg.config_hash())
+    directory = results.run_dir(cfg.results_dir, path)
+    if not results.is_done(directory):
+        train(cfg, run_path=path)
+    return directory
+
+
+# --- provenance ----------------------------------------------------------------------------
+
+def hardware() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def code_version() -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    import torchvision
+    return {"git_sha": git("rev-parse", "HEAD") or "unknown",
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__}
+
+
+# --- the training loop ---------------------------------------------------------------------
+
+class _Progress:
+    """Wraps the loader so a progress bar with ETA ticks per batch."""
+
+    def __init__(self, loader: ArrayLoader, bar: tqdm) -> None:
+        self.loader, self.bar = loader, bar
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield batch
+            self.bar.update(1)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+
+def _check_existing(directory: Path, cfg: RunConfig) -> None:
+    old = results.read_json(directory / "config.json")
+    if old and old.get("config_hash") != cfg.config_hash():
+        raise ReproError(f"{directory} holds a run with another config (hash "
+                         f"{old.get('config_hash')} != {cfg.config_hash()}); refusing to "
+                         "overwrite it: remove it or use another --results-dir")
+
+
+def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
+          quiet: bool = False) -> dict[str, Any]:
+    """Train and evaluate one run; returns its record. A run already done is not re-run."""
+    run_path = run_path or cfg.run_path
+    directory = results.run_dir(cfg.results_dir, run_path)
+    _check_existing(directory, cfg)
+    record = results.read_record(directory)
+    if record and record.get("status") == results.STATUS_DONE:
+        return record
+    checkpoint_path = directory / "checkpoint.pt"
+    if resume and not checkpoint_path.is_file():
+        raise ReproError(f"--resume: nothing to resume in {directory} (no checkpoint.pt)")
+    method_cls = get_method(cfg.method)
+    method: Method = method_cls(cfg)
+    set_determinism(cfg)
+    device = resolve_device(cfg.device)
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReproError(f"cannot create {directory}: {e.strerror}") from None
+    if not os.access(directory, os.W_OK):
+        raise ReproError(f"results folder {directory} is not writable")
+    base_record = {"run_path": run_path, "config_hash": cfg.config_hash(),
+                   "cell_hash": cfg.cell_hash(), "method": cfg.method,
+                   "hardware": hardware(), "code": code_version()}
+    results.atomic_write_json(directory / "config.json",
+                              {**cfg.to_dict(), "config_hash": cfg.config_hash()})
+
+    data = load_data(cfg)
+    torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
+    model = build_model(cfg, data.info)
+    init_source = resolve_init(model, cfg)
+    pretrain_record = results.read_record(Path(init_source)) if init_source and \
+        Path(init_source).is_dir() else None
+    model.to(device)
+    optimizers = method.make_optimizers(model)
+    loader = ArrayLoader(data.train_x, data.train_y, batch_size=cfg.batch_size, shuffle=True,
+                         augment=Augment(pad=cfg.augment_pad, pad_mode=cfg.augment_pad_mode,
+                                         pad_value=cfg.augment_pad_value,
+                                         flip=cfg.augment_flip),
+                         drop_last=cfg.drop_last and len(data.train_y) >= cfg.batch_size,
+                         device=device, seed=cfg.seed)
+    steps_per_epoch = method.optimizer_steps_per_epoch(len(loader))
+    schedule = make_schedule(cfg.schedule, base_lr=cfg.lr, epochs=cfg.epochs,
+                             **cfg.schedule_args)
+    monitor_test = fixed_subset(len(data.test_y), cfg.monitor_n)
+    monitor_train = fixed_subset(len(data.train_y), cfg.monitor_n)
+
+    state = {"epoch": 0, "global_step": 0, "train_time_s": 0.0, "flops_per_epoch": None,
+             "metrics": [], "lr_log": []}
+    if checkpoint_path.is_file():
+        state = _restore(checkpoint_path, cfg, model, optimizers, method, device)
+    results.atomic_write_json(directory / "record.json",
+                              {**base_record, "status": results.STATUS_RUNNING,
+                               "epochs_done": state["epoch"]})
+
+    total_steps = cfg.epochs * len(loader)
+    bar = tqdm(total=total_steps, initial=state["epoch"] * len(loader), unit="batch",
+               desc=run_path, disable=quiet or not sys.stderr.isatty(), leave=False)
+    ctx = Context(model=model, optimizers=optimizers, schedule=schedule,
+                  loader=_Progress(loader, bar), cfg=cfg, device=device, epoch=state["epoch"],
+                  steps_per_epoch=steps_per_epoch, global_step=state["global_step"],
+                  lr_log=state["lr_log"])
+    for epoch in range(state["epoch"], cfg.epochs):
+        if ctx.done or state.get("stop_reason"):
+            break
+        ctx.epoch = epoch
+        seed_epoch(cfg, epoch)
+        loader.set_epoch(epoch)
+        lr_start = ctx.current_lr()
+        t0 = time.perf_counter()
+        if state["flops_per_epoch"] is None:  # count one epoch on the real code path
+            with TotalFlopCounter() as counter:
+                stats = method.train_epoch(ctx)
+            state["flops_per_epoch"] = int(counter.get_total_flops())
+        else:
+            stats = method.train_epoch(ctx)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        state["train_time_s"] += time.perf_counter() - t0
+        if not all(torch.isfinite(torch.tensor(v)) for v in stats.values()):
+            _fail(directory, base_record, epoch, f"non-finite training metrics {stats}")
+            raise TrainingDiverged(f"{run_path}: training diverged at epoch {epoch + 1} "
+                                   f"(loss {stats.get('train_loss')}); last good checkpoint kept")
+        row = {"epoch": epoch + 1, "lr": lr_start, "step": ctx.global_step, **stats,
+               **_monitor(model, data, monitor_test, monitor_train, cfg, device),
+               "train_time_s": round(state["train_time_s"], 3)}
+        state["metrics"].append(row)
+        state.update(epoch=epoch + 1, global_step=ctx.global_step,
+                     stop_reason=ctx.stop_reason)
+        _save_checkpoint(checkpoint_path, cfg, model, optimizers, method, state)
+        results.write_metrics(directory / "metrics.csv", state["metrics"])
+        results.write_metrics(directory / "lr.csv",
+                              [{"step": i, "lr": lr} for i, lr in enumerate(state["lr_log"])])
+        if not quiet:
+            tqdm.write(_epoch_line(run_path, row, cfg.epochs))
+    bar.close()
+
+    t_eval = time.perf_counter()
+    final = evaluate(model, data.test_x, data.test_y, eps=cfg.eps, alpha=cfg.eval_alpha_value,
+                     steps=cfg.eval_steps, n=cfg.eval_n, batch=cfg.eval_batch, device=device,
+                     seed=cfg.seed)
+    epochs_done = state["epoch"]
+    record = {
+        **base_record, **final,
+        "status": results.STATUS_DONE,
+        "epochs_done": epochs_done, "steps_done": state["global_step"],
+        "steps_per_epoch": steps_per_epoch, "stopped_early": state.get("stop_reason"),
+        "train_time_s": round(state["train_time_s"], 3),
+        "train_minutes": round(state["train_time_s"] / 60, 3),
+        "eval_time_s": round(time.perf_counter() - t_eval, 3),
+        "train_flops": (state["flops_per_epoch"] or 0) * epochs_done,
+        "flops_note": "FLOPs counted with torch.utils.flop_counter over epoch 1, times epochs",
+        "pretrain_source": init_source,
+        "pretrain_minutes": (pretrain_record or {}).get("train_minutes"),
+        "pretrain_flops": (pretrain_record or {}).get("train_flops"),
+        "train_images": int(len(data.train_y)),
+        "eps": cfg.eps, "eval_alpha": cfg.eval_alpha_value,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    results.atomic_write_json(directory / "record.json", record)
+    return record
+
+
+def _monitor(model: nn.Module, data: Data, test_idx: torch.Tensor, train_idx: torch.Tensor,
+             cfg: RunConfig, device: torch.device) -> dict[str, float]:
+    """Per-epoch curves (Fig 1, Fig 4): clean test accuracy on the whole test set, PGD on fixed
+    test and train subsets."""
+    out = {"test_clean_acc": clean_accuracy(model, data.test_x, data.test_y,
+                                            batch=cfg.eval_batch, device=device)}
+    if cfg.monitor_n > 0 and cfg.monitor_steps > 0:
+        kwargs = dict(eps=cfg.eps, alpha=cfg.eval_alpha_value, steps=cfg.monitor_steps,
+                      batch=cfg.eval_batch, device=device)
+        out["test_pgd_acc"] = pgd_accuracy(model, data.test_x[test_idx], data.test_y[test_idx],
+                                           **kwargs)
+        out["train_pgd_acc"] = pgd_accuracy(model, data.train_x[train_idx],
+                                            data.train_y[train_idx], **kwargs)
+    return out
+
+
+def _epoch_line(run_path: str, row: dict[str, Any], epochs: int) -> str:
+    parts = [f"{run_path} epoch {row['epoch']}/{epochs}", f"lr {row['lr']:.3g}",
+             f"loss {row['train_loss']:.3f}", f"test clean {row['test_clean_acc']:.2f}"]
+    if "test_pgd_acc" in row:
+        parts.append(f"test PGD {row['test_pgd_acc']:.2f} train PGD {row['train_pgd_acc']:.2f}")
+    parts.append(f"{row['train_time_s']:.0f}s")
+    return " | ".join(parts)
+
+
+def _save_checkpoint(path: Path, cfg: RunConfig, model: nn.Module,
+                     optimizers: list[torch.optim.Optimizer], method: Method,
+                     state: dict[str, Any]) -> None:
+    results.atomic_torch_save({
+        "config_hash": cfg.config_hash(),
+        "model": model.state_dict(),
+        "optimizers": [o.state_dict() for o in optimizers],
+        "method": method.state_dict(),
+        "epoch": state["epoch"], "global_step": state["global_step"],
+        "train_time_s": state["train_time_s"], "flops_per_epoch": state["flops_per_epoch"],
+        "metrics": state["metrics"], "lr_log": state["lr_log"],
+        "stop_reason": state.get("stop_reason"),
+    }, path)
+
+
+def _restore(path: Path, cfg: RunConfig, model: nn.Module,
+             optimizers: list[torch.optim.Optimizer], method: Method,
+             device: torch.device) -> dict[str, Any]:
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
+        raise CheckpointError(f"{path}: not a checkpoint of this suite")
+    if ckpt.get("config_hash") != cfg.config_hash():
+        raise CheckpointError(f"{path}: written by another config (hash "
+                              f"{ckpt.get('config_hash')} != {cfg.config_hash()})")
+    model.load_state_dict(ckpt["model"])
+    for opt, opt_state in zip(optimizers, ckpt["optimizers"]):
+        opt.load_state_dict(opt_state)
+    method.load_state_dict(_to_device(ckpt["method"], device))
+    restored = {k: ckpt[k] for k in ("epoch", "global_step", "train_time_s",
+                                     "flops_per_epoch", "metrics", "lr_log")}
+    restored["stop_reason"] = ckpt.get("stop_reason")
+    return restored
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj
+
+
+def _fail(directory: Path, base_record: dict[str, Any], epoch: int, reason: str) -> None:
+    results.atomic_write_json(directory / "record.json",
+                              {**base_record, "status": results.STATUS_FAILED,
+                               "failed_epoch": epoch + 1, "reason": reason})

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Thin entry point: maps a target to `python -m paper_repro ...` after making sure the
+# environment (.venv with the package) and the offline data (Fashion-MNIST) are there.
+#   ./reproduce.sh table1 [--scale smoke|cpu|paper] [more flags for `paper_repro sweep`]
+#   ./reproduce.sh aggregate [--scale S]      rebuild tables and figures from results/ alone
+#   ./reproduce.sh test [pytest args]         the test suite (what CI runs)
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${REPRO_VENV:-.venv}"
+PY="$VENV/bin/python"
+
+ensure_env() {
+  if [ ! -x "$PY" ]; then
+    echo "creating $VENV" >&2
+    python3 -m venv "$VENV"
+  fi
+  if ! "$PY" -c 'import paper_repro, torch, torchvision, submitit, pandas, seaborn, sklearn, tabulate, tqdm, pytest, pytest_timeout' 2>/dev/null; then
+    echo "installing the package and its dependencies into $VENV (torch brings ~6 GB of CUDA libraries; it runs on CPU too)" >&2
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q -e ".[test]"
+  fi
+}
+
+ensure_data() {
+  if [ -n "${REPRO_DATA:-}" ] || [ -d /usr/share/datasets/fashion-mnist ]; then
+    return 0
+  fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing Debian's dataset-fashion-mnist" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "Fashion-MNIST not found: run 'sudo apt-get install dataset-fashion-mnist' or set REPRO_DATA" >&2
+  fi
+}
+
+usage() {
+  sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+target="${1:-}"
+[ $# -gt 0 ] && shift
+case "$target" in
+  table1|table2|table3)
+    ensure_env; ensure_data
+    exec "$PY" -m paper_repro sweep "$target" "$@" ;;
+  aggregate)
+    ensure_env
+    exec "$PY" -m paper_repro aggregate "$@" ;;
+  test)
+    ensure_env; ensure_data
+    exec "$PY" -m pytest -q "$@" ;;
+  ""|-h|--help|help)
+    usage ;;
+  *)
+    echo "reproduce.sh: unknown target '$target' (targets: table1, aggregate, test)" >&2
+    exit 2 ;;
+esac

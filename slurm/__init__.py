@@ -1,0 +1,1 @@
+"""SLURM submission through submitit (see issue: SLURM launcher). Empty for now."""

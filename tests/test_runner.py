@@ -1,0 +1,132 @@
+"""runner.py + results.py: the store, resume, pre-training reuse, records that never lie."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from paper_repro import results, runner
+from paper_repro.errors import CheckpointError, ReproError
+from conftest import tiny_config
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_after_first_checkpoint(monkeypatch, directory):
+    """Kill the run right after its first epoch checkpoint (other runs, e.g. the AFT
+    pre-training, are left alone)."""
+    real = runner._save_checkpoint
+
+    def save_then_die(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        if path.parent == directory:
+            raise Interrupt("killed after epoch 1")
+
+    monkeypatch.setattr(runner, "_save_checkpoint", save_then_die)
+
+
+@pytest.mark.parametrize("method", ["natural", "pgd_at", "aft"])
+def test_resume_gives_the_same_final_metrics(tmp_path, monkeypatch, method):
+    extra = {"pretrain": {"epochs": 1}} if method == "aft" else {}
+    straight = runner.train(tiny_config(tmp_path / "a", method=method, **extra), quiet=True)
+
+    cfg = tiny_config(tmp_path / "b", method=method, **extra)
+    directory = results.run_dir(cfg.results_dir, cfg.run_path)
+    _interrupt_after_first_checkpoint(monkeypatch, directory)
+    with pytest.raises(Interrupt):
+        runner.train(cfg, quiet=True)
+    record = results.read_record(directory)
+    assert record["status"] == results.STATUS_RUNNING  # never claims done early
+    monkeypatch.undo()
+    resumed = runner.train(cfg, resume=True, quiet=True)
+
+    for key in ("clean_acc", "pgd_acc", "steps_done", "epochs_done", "train_flops"):
+        assert resumed[key] == straight[key], key
+    a = pd.read_csv(tmp_path / "a" / "runs" / cfg.run_path / "metrics.csv")
+    b = pd.read_csv(tmp_path / "b" / "runs" / cfg.run_path / "metrics.csv")
+    cols = [c for c in a.columns if c != "train_time_s"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+
+
+def test_done_run_is_skipped_and_record_is_complete(tmp_path):
+    cfg = tiny_config(tmp_path)
+    first = runner.train(cfg, quiet=True)
+    assert first["status"] == "done"
+    for key in ("clean_acc", "pgd_acc", "train_time_s", "train_flops", "hardware", "code",
+                "config_hash", "eval_n", "steps_per_epoch"):
+        assert key in first, key
+    assert first["train_flops"] > 0 and first["code"]["torch"] == torch.__version__
+    directory = results.run_dir(cfg.results_dir, cfg.run_path)
+    mtime = (directory / "record.json").stat().st_mtime_ns
+    again = runner.train(cfg, quiet=True)
+    assert again == first and (directory / "record.json").stat().st_mtime_ns == mtime
+    config = json.loads((directory / "config.json").read_text())
+    assert config["config_hash"] == cfg.config_hash() and config["epochs"] == 2
+    assert len(pd.read_csv(directory / "metrics.csv")) == 2
+    assert len(pd.read_csv(directory / "lr.csv")) == first["steps_done"]
+
+
+def test_aft_pretraining_is_reused_by_config_hash(tmp_path):
+    a = runner.train(tiny_config(tmp_path, method="aft", pretrain={"epochs": 1}), quiet=True)
+    pretrain_dirs = list((tmp_path / "runs" / "smoke" / "pretrain").iterdir())
+    assert len(pretrain_dirs) == 1 and a["pretrain_source"] == str(pretrain_dirs[0])
+    assert a["pretrain_minutes"] is not None and a["pretrain_flops"] > 0
+    cfg_b = tiny_config(tmp_path, method="aft", pretrain={"epochs": 1}, experiment="other")
+    mtime = (pretrain_dirs[0] / "record.json").stat().st_mtime_ns
+    b = runner.train(cfg_b, quiet=True)
+    assert b["pretrain_source"] == a["pretrain_source"]
+    assert (pretrain_dirs[0] / "record.json").stat().st_mtime_ns == mtime  # not retrained
+
+
+def test_a_different_config_never_overwrites_a_run(tmp_path):
+    runner.train(tiny_config(tmp_path), quiet=True)
+    with pytest.raises(ReproError, match="another config"):
+        runner.train(tiny_config(tmp_path, lr=0.05), quiet=True)
+
+
+def test_resume_with_nothing_to_resume(tmp_path):
+    with pytest.raises(ReproError, match="nothing to resume"):
+        runner.train(tiny_config(tmp_path), resume=True, quiet=True)
+
+
+def test_init_from_file_is_loaded_safely(tmp_path):
+    cfg = tiny_config(tmp_path)
+    runner.train(cfg, quiet=True)
+    ckpt = results.run_dir(cfg.results_dir, cfg.run_path) / "checkpoint.pt"
+    rec = runner.train(tiny_config(tmp_path / "ft", method="aft", init=str(ckpt)), quiet=True)
+    assert rec["status"] == "done" and rec["pretrain_source"] == str(ckpt)
+    # a full-model pickle is refused, never executed
+    bad = tmp_path / "full_model.pt"
+    torch.save(torch.nn.Linear(2, 2), bad)
+    with pytest.raises(CheckpointError, match="full pickle"):
+        runner.train(tiny_config(tmp_path / "bad", method="aft", init=str(bad)), quiet=True)
+    truncated = tmp_path / "trunc.pt"
+    truncated.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        runner.train(tiny_config(tmp_path / "tr", method="aft", init=str(truncated)), quiet=True)
+
+
+def test_atomic_writes_leave_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "record.json"
+    results.atomic_write_json(path, {"status": "running"})
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(results.os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        results.atomic_write_json(path, {"status": "done"})
+    assert json.loads(path.read_text()) == {"status": "running"}
+    assert [p.name for p in tmp_path.iterdir()] == ["record.json"]  # no temp file left
+
+
+def test_store_load_returns_one_frame(tmp_path):
+    runner.train(tiny_config(tmp_path), quiet=True)
+    runner.train(tiny_config(tmp_path, method="pgd_at"), quiet=True)
+    df = results.load(tmp_path)
+    assert sorted(df["row"]) == ["natural", "pgd_at"]
+    assert set(df["status"]) == {"done"} and df["clean_acc"].notna().all()
