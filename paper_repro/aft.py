@@ -23,6 +23,7 @@ from paper_repro.methods import Context, Method, register_method
 class AFT(Method):
     name = "aft"
     Settings = PGDSettings
+    fine_tunes = True
     recipe = dict(
         arch="wrn-28-10", epochs=10, batch_size=128, optimizer="adam", lr=1e-3,
         weight_decay=0.0, wd_scope="all", schedule="slow_start_fast_decay",

@@ -62,7 +62,7 @@ def _default_scale() -> str:
     if torch.cuda.is_available():
         return "paper"
     print("no GPU found: using the cpu scale (Fashion-MNIST stand-ins); --scale paper to "
-          "force the paper's setup", file=sys.stderr)
+          "force the paper's setup")
     return "cpu"
 
 
@@ -89,7 +89,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 continue
             for seed in _seeds(args):
                 cfg = resolve_row(exp, row_id, scale, seed=seed, overrides=overrides,
-                                  method_recipe=_recipe(method))
+                                  method_recipe=_recipe(method),
+                                  controlled_arch=getattr(args, "controlled", None))
                 _report(train(cfg, resume=args.resume))
         return 0
     method = args.method or "natural"
@@ -132,7 +133,8 @@ def cmd_table(args: argparse.Namespace) -> int:
 
     scale = args.scale or _default_scale()
     for name in args.experiments:
-        paths = write_table(name, scale, results_dir=args.results_dir or "results")
+        paths = write_table(name, scale, results_dir=args.results_dir or "results",
+                            controlled_arch=getattr(args, "controlled", None))
         print(paths["md"].read_text())
         print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -187,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = runlike("run", "train and evaluate one run, or rows of an experiment")
     p.add_argument("--experiment", help="experiment file name (e.g. table1)")
     p.add_argument("--row", help="one row of the experiment (default: all)")
+    p.add_argument("--controlled", metavar="ARCH",
+                   help="run the rows on this architecture instead of their reference ones")
     p.add_argument("--name", help="row name of an ad-hoc run (default: the method)")
     p.set_defaults(func=cmd_run)
 
@@ -197,12 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = runlike("sweep", "run all rows of an experiment, then render its table")
     p.add_argument("experiment", help="experiment name, e.g. table1")
     p.add_argument("--rows", help="comma-separated subset of rows")
+    p.add_argument("--controlled", metavar="ARCH",
+                   help="run every row on this architecture (stored as <exp>-controlled-ARCH)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("table", help="render tables from the results store")
     p.add_argument("experiments", nargs="+", help="e.g. table1")
     p.add_argument("--scale", choices=["smoke", "cpu", "paper"], default=None)
     p.add_argument("--results-dir", default=None)
+    p.add_argument("--controlled", metavar="ARCH", help="the controlled variant on ARCH")
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("aggregate", help="rebuild every table and figure from results/ alone")

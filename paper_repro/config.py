@@ -170,6 +170,8 @@ def _coerce(key: str, value: Any) -> Any:
 
 def _merge(base: dict[str, Any], layer: Mapping[str, Any], where: str) -> dict[str, Any]:
     out = dict(base)
+    if "schedule" in layer and layer["schedule"] != out.get("schedule"):
+        out["schedule_args"] = {}  # a schedule's arguments belong to it: a new one starts clean
     for key, value in layer.items():
         if key not in _FIELD_TYPES:
             raise ConfigError(f"unknown config key '{key}' in {where} "
@@ -286,10 +288,21 @@ def load_experiment(name_or_path: str) -> Experiment:
                       rows=tuple(rows), footnote=data.get("footnote", ""))
 
 
+def controlled_name(experiment: str, arch: str) -> str:
+    """Where a controlled variant of an experiment is stored and rendered."""
+    return f"{experiment}-controlled-{arch}"
+
+
 def resolve_row(exp: Experiment, row_id: str, scale: str, *, seed: int = 0,
                 overrides: Mapping[str, Any] | None = None,
-                method_recipe: Mapping[str, Any] | None = None) -> RunConfig:
-    """The frozen config of one row at one scale (see the module docstring for the order)."""
+                method_recipe: Mapping[str, Any] | None = None,
+                controlled_arch: str | None = None) -> RunConfig:
+    """The frozen config of one row at one scale (see the module docstring for the order).
+
+    `controlled_arch` runs the row on that architecture instead of its reference one (model
+    options and pre-training model options dropped), stored as its own experiment, so every
+    method can be compared on one network with the one evaluation protocol.
+    """
     if scale not in SCALES:
         raise ConfigError(f"unknown scale '{scale}' (valid: {', '.join(SCALES)})")
     row = exp.row(row_id)
@@ -302,8 +315,16 @@ def resolve_row(exp: Experiment, row_id: str, scale: str, *, seed: int = 0,
     for s in exp.scale_chain(scale):
         layers.append((f"{exp.name} row '{row_id}' [{s}]", row.get(s, {})))
     layers.append(("command line", overrides or {}))
-    return build_config(*layers, experiment=exp.name, row=row_id, scale=scale, seed=seed,
-                        method=row["method"])
+    cfg = build_config(*layers, experiment=exp.name, row=row_id, scale=scale, seed=seed,
+                       method=row["method"])
+    if controlled_arch is None:
+        return cfg
+    values = cfg.to_dict()
+    values.update(arch=controlled_arch, model_args={},
+                  experiment=controlled_name(exp.name, controlled_arch))
+    if values["pretrain"] is not None:
+        values["pretrain"] = {k: v for k, v in values["pretrain"].items() if k != "model_args"}
+    return build_config(("controlled", values))
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -162,6 +162,7 @@ class Method:
     name: ClassVar[str] = ""
     Settings: ClassVar[type] = NoSettings
     recipe: ClassVar[dict[str, Any]] = {}
+    fine_tunes: ClassVar[bool] = False  # starts from a pre-training run (`pretrain`) or `init`
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

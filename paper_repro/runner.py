@@ -270,6 +270,12 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
     if resume and not checkpoint_path.is_file():
         raise ReproError(f"--resume: nothing to resume in {directory} (no checkpoint.pt)")
     method_cls = get_method(cfg.method)
+    if cfg.pretrain is not None and not method_cls.fine_tunes:
+        raise ConfigError(f"pretrain is set but method '{cfg.method}' trains from scratch "
+                          "(only fine-tuning methods such as aft use a pre-training run)")
+    if method_cls.fine_tunes and cfg.pretrain is None and not cfg.init:
+        raise ConfigError(f"method '{cfg.method}' fine-tunes: set init (a checkpoint or "
+                          "run:<run-path>) or pretrain")
     method: Method = method_cls(cfg)
     set_determinism(cfg)
     device = resolve_device(cfg.device)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from paper_repro import results, runner
-from paper_repro.errors import CheckpointError, ReproError
+from paper_repro.errors import CheckpointError, ConfigError, ReproError
 from conftest import tiny_config
 
 
@@ -130,3 +130,10 @@ def test_store_load_returns_one_frame(tmp_path):
     df = results.load(tmp_path)
     assert sorted(df["row"]) == ["natural", "pgd_at"]
     assert set(df["status"]) == {"done"} and df["clean_acc"].notna().all()
+
+
+def test_pretrain_only_for_fine_tuning_methods(tmp_path):
+    with pytest.raises(ConfigError, match="trains from scratch"):
+        runner.train(tiny_config(tmp_path, method="pgd_at", pretrain={"epochs": 1}), quiet=True)
+    with pytest.raises(ConfigError, match="fine-tunes: set init"):
+        runner.train(tiny_config(tmp_path, method="aft", pretrain=None), quiet=True)

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from .. import results
-from ..config import load_experiment
+from ..config import controlled_name, load_experiment
 from ..errors import ReproError
 
 REPO_PAPER_DIR = Path(__file__).resolve().parents[2] / "results" / "paper"
@@ -39,12 +39,14 @@ def _stats(values: pd.Series) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else math.nan
 
 
-def table_frame(name: str, scale: str, results_dir: str | Path = "results") -> pd.DataFrame:
+def table_frame(name: str, scale: str, results_dir: str | Path = "results",
+                controlled_arch: str | None = None) -> pd.DataFrame:
     """One line per experiment row with measured cells, the paper's cells and the difference."""
     exp = load_experiment(name)
+    store_name = controlled_name(exp.name, controlled_arch) if controlled_arch else exp.name
     runs = results.load(results_dir, scale=scale)
     if not runs.empty:
-        runs = runs[runs["experiment"] == exp.name]
+        runs = runs[runs["experiment"] == store_name]
     paper = _paper_numbers(exp.paper_csv, results_dir).set_index("row", drop=False)
     lines: list[dict[str, Any]] = []
     for row in exp.rows:
@@ -134,7 +136,7 @@ def display_frame(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def footnote(name: str, scale: str, df: pd.DataFrame) -> str:
+def footnote(name: str, scale: str, df: pd.DataFrame, controlled_arch: str | None = None) -> str:
     exp = load_experiment(name)
     n = sorted({int(v) for v in df.get("eval_n", pd.Series(dtype=float)).dropna()})
     n_text = "/".join(str(v) for v in n) or "?"
@@ -143,6 +145,8 @@ def footnote(name: str, scale: str, df: pd.DataFrame) -> str:
             "training (AFT: fine-tuning only; its natural pre-training is the Pre-train column). "
             "Cost: training FLOPs counted with torch.utils.flop_counter. "
             f"Scale: {scale}. ")
+    if controlled_arch:
+        text += f"Controlled: every row on {controlled_arch} (not the rows' reference networks). "
     if scale != "paper":
         text += ("These are stand-ins, not the paper's setting: " + " ".join(exp.footnote.split()) +
                  " The paper's columns are shown for reference; differences are computed at "
@@ -150,12 +154,15 @@ def footnote(name: str, scale: str, df: pd.DataFrame) -> str:
     return text
 
 
-def write_table(name: str, scale: str, results_dir: str | Path = "results") -> dict[str, Path]:
-    df = table_frame(name, scale, results_dir)
+def write_table(name: str, scale: str, results_dir: str | Path = "results",
+                controlled_arch: str | None = None) -> dict[str, Path]:
+    df = table_frame(name, scale, results_dir, controlled_arch)
     shown = display_frame(df)
-    note = footnote(name, scale, df)
+    note = footnote(name, scale, df, controlled_arch)
     out_dir = Path(results_dir) / "tables" / scale
     exp = load_experiment(name)
+    if controlled_arch:
+        name = controlled_name(name, controlled_arch)
     md = f"### {exp.title} ({scale} scale)\n\n{shown.to_markdown(index=False)}\n\n{note}\n"
     tex = (shown.to_latex(index=False, escape=True) + "\n% " + note + "\n")
     paths = {"md": out_dir / f"{name}.md", "csv": out_dir / f"{name}.csv",
@@ -172,5 +179,5 @@ def tables_with_results(scale: str, results_dir: str | Path = "results") -> list
     if runs.empty:
         return []
     from ..config import list_experiments
-    known = set(list_experiments())
+    known = set(list_experiments())  # controlled variants are rendered by `table --controlled`
     return sorted(e for e in runs["experiment"].dropna().unique() if e in known)

@@ -1,0 +1,84 @@
+"""The commands a user types: the smoke Table 1 end to end, aggregate, and one-line errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from paper_repro import cli
+
+ROWS = ["natural", "pgd_at", "free_at", "fast_at", "yopo", "atta", "aft", "aft_500k"]
+
+
+@pytest.fixture(scope="module")
+def smoke_store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    assert cli.main(["sweep", "table1", "--scale", "smoke", "--results-dir", str(store)]) == 0
+    return store
+
+
+def test_smoke_table1_has_every_row_measured(smoke_store):
+    table = pd.read_csv(smoke_store / "tables" / "smoke" / "table1.csv")
+    assert list(table["row"]) == ROWS
+    assert (table["status"] == "done").all()
+    for col in ("clean_acc", "pgd_acc", "train_minutes", "cost_pflop", "paper_clean", "paper_pgd",
+                "paper_time"):
+        assert table[col].notna().all(), col
+    aft = table.set_index("row").loc["aft"]
+    assert aft["pretrain_minutes"] >= 0 and aft["pretrain_pflop"] > 0
+    assert pd.isna(table.set_index("row").loc["natural", "pretrain_minutes"])
+    md = (smoke_store / "tables" / "smoke" / "table1.md").read_text()
+    assert "PGD-20 with α = ε/4" in md and "95.01" in md
+    assert (smoke_store / "tables" / "smoke" / "table1.tex").read_text().startswith("\\begin{tabular}")
+
+
+def test_aggregate_rebuilds_the_same_table_without_training(smoke_store):
+    csv = smoke_store / "tables" / "smoke" / "table1.csv"
+    before = csv.read_text()
+    csv.unlink()
+    records = sorted(p.stat().st_mtime_ns for p in (smoke_store / "runs").glob("**/record.json"))
+    assert cli.main(["aggregate", "--scale", "smoke", "--results-dir", str(smoke_store)]) == 0
+    assert csv.read_text() == before
+    assert sorted(p.stat().st_mtime_ns for p in (smoke_store / "runs").glob("**/record.json")) \
+        == records
+    assert (smoke_store / "figures" / "smoke" / "fig5.png").stat().st_size > 0
+    assert (smoke_store / "figures" / "smoke" / "fig1.pdf").stat().st_size > 0
+
+
+def test_rerunning_the_sweep_trains_nothing(smoke_store, capsys):
+    records = {p: p.stat().st_mtime_ns for p in (smoke_store / "runs").glob("**/record.json")}
+    assert cli.main(["sweep", "table1", "--scale", "smoke", "--results-dir", str(smoke_store)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in records} == records
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--method", "trades"], "unknown method 'trades'"),
+    (["run", "--arch", "vit-huge", "--max-steps", "1"], "unknown model 'vit-huge'"),
+    (["run", "--epochs", "0"], "epochs must be >= 1"),
+    (["run", "--eps", "-1"], "eps must be in"),
+    (["run", "--set", "colour=blue"], "unknown config key 'colour'"),
+    (["run", "--experiment", "table1", "--row", "nope"], "has no row 'nope'"),
+    (["sweep", "table7"], "no experiment file 'table7'"),
+    (["finetune"], "finetune needs --init"),
+    (["finetune", "--init", "hub:resnet"], "unknown prefix 'hub:'"),
+    (["run", "--dataset", "mnist-color"], "unknown dataset"),
+])
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, argv, message):
+    store = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "paper_repro", *argv, "--results-dir", str(store)]
+                          if argv[0] != "sweep" else [sys.executable, "-m", "paper_repro", *argv],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_help_lists_the_subcommands():
+    proc = subprocess.run([sys.executable, "-m", "paper_repro", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0
+    for sub in ("run", "finetune", "sweep", "table", "aggregate"):
+        assert sub in proc.stdout

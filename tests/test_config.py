@@ -1,0 +1,109 @@
+"""config.py: resolution order, validation with one-line errors, hashing, experiment files."""
+from __future__ import annotations
+
+import pytest
+
+from paper_repro.config import build_config, load_experiment, parse_override, resolve_row
+from paper_repro.errors import ConfigError
+from paper_repro.methods import get_method
+
+
+def _row(row, scale, **overrides):
+    exp = load_experiment("table1")
+    method = exp.row(row)["method"]
+    return resolve_row(exp, row, scale, overrides=overrides, method_recipe=get_method(method).recipe)
+
+
+def test_paper_scale_rows_use_the_papers_setup():
+    natural, pgd, aft = _row("natural", "paper"), _row("pgd_at", "paper"), _row("aft", "paper")
+    assert (natural.dataset, natural.arch, natural.epochs) == ("cifar10", "wrn-32-10", 200)
+    assert natural.schedule_args == {"milestones": [0.3, 0.6, 0.8], "gamma": 0.2}
+    assert natural.eps == pytest.approx(8 / 255) and natural.eval_steps == 20
+    assert pgd.arch == "wrn-32-10" and pgd.weight_decay == 2e-4 and pgd.wd_scope == "weights"
+    assert (aft.arch, aft.optimizer, aft.epochs, aft.schedule) == \
+        ("wrn-28-10", "adam", 10, "slow_start_fast_decay")
+    assert aft.pretrain == {"model_args": {"dropout": 0.3}}
+    assert aft.eval_alpha_value == pytest.approx(2 / 255)  # α = ε/4
+
+
+def test_scale_blocks_rows_and_cli_layer_in_order():
+    cpu = _row("aft", "cpu")
+    assert (cpu.dataset, cpu.arch, cpu.eps, cpu.epochs) == ("fashion-mnist", "cnn-small", 0.1, 3)
+    smoke = _row("aft", "smoke")  # inherits cpu, then its own block
+    assert smoke.dataset == "fashion-mnist" and smoke.train_subset == 256 and smoke.epochs == 1
+    cli = _row("aft", "cpu", epochs=7, schedule_args={"peak_at": 0.2})
+    assert cli.epochs == 7
+    assert cli.schedule_args == {"start_factor": 0.05, "peak_at": 0.2, "end_factor": 0.01}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"epochs": 0}, "epochs must be >= 1"),
+    ({"eps": -0.1}, "eps must be in"),
+    ({"eps": "eight"}, "eps: expected a number"),
+    ({"lr": 0}, "lr must be > 0"),
+    ({"batch_size": "big"}, "batch_size: expected an integer"),
+    ({"optimizer": "lion"}, "optimizer: 'lion' is not one of"),
+    ({"learning_rate": 0.1}, "unknown config key 'learning_rate'"),
+    ({"deterministic": "yes"}, "expected true or false"),
+])
+def test_bad_values_fail_with_one_clear_line(overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        _row("natural", "cpu", **overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_eps_accepts_fractions_and_hash_tracks_results_not_paths():
+    a = build_config(("t", {"eps": "8/255"}))
+    b = build_config(("t", {"eps": 8 / 255, "results_dir": "/elsewhere", "device": "cpu"}))
+    c = build_config(("t", {"eps": 8 / 255, "lr": 0.2}))
+    assert a.eps == pytest.approx(8 / 255)
+    assert a.config_hash() == b.config_hash() != c.config_hash()
+    assert a.cell_hash() == build_config(("t", {"eps": "8/255"}), seed=3).cell_hash()
+    assert a.config_hash() != build_config(("t", {"eps": "8/255"}), seed=3).config_hash()
+
+
+def test_unknown_experiment_row_and_malformed_toml(tmp_path):
+    with pytest.raises(ConfigError, match="no experiment file"):
+        load_experiment("table9")
+    with pytest.raises(ConfigError, match="has no row 'nope'"):
+        load_experiment("table1").row("nope")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = 'x'\n[[rows]\nid=1")
+    with pytest.raises(ConfigError, match="malformed TOML"):
+        load_experiment(str(bad))
+
+
+def test_method_settings_are_validated():
+    with pytest.raises(ConfigError, match="unknown setting"):
+        get_method("pgd_at")(build_config(("t", {"method_args": {"stepz": 3}}), method="pgd_at"))
+    with pytest.raises(ConfigError, match="steps must be >= 1"):
+        get_method("pgd_at")(build_config(("t", {"method_args": {"steps": 0}}), method="pgd_at"))
+    with pytest.raises(ConfigError, match="unknown method"):
+        get_method("trades")
+
+
+def test_parse_override():
+    assert parse_override("epochs=3") == ("epochs", 3)
+    assert parse_override("eps=8/255") == ("eps", "8/255")
+    assert parse_override("schedule_args.peak_at=0.2") == ("schedule_args", {"peak_at": 0.2})
+    with pytest.raises(ConfigError):
+        parse_override("epochs")
+
+
+def test_changing_the_schedule_drops_the_old_schedules_arguments():
+    cfg = _row("aft", "cpu", schedule="constant")
+    assert cfg.schedule == "constant" and cfg.schedule_args == {}
+    assert _row("aft", "cpu").pretrain == {"epochs": 30}
+
+
+def test_controlled_runs_every_row_on_one_architecture():
+    exp = load_experiment("table1")
+    for row in exp.row_ids:
+        method = exp.row(row)["method"]
+        cfg = resolve_row(exp, row, "paper", method_recipe=get_method(method).recipe,
+                          controlled_arch="preact-resnet18")
+        assert cfg.arch == "preact-resnet18" and cfg.model_args == {}
+        assert cfg.experiment == "table1-controlled-preact-resnet18"
+        assert cfg.eval_steps == 20 and cfg.eps == pytest.approx(8 / 255)
+        if cfg.pretrain is not None:
+            assert "model_args" not in cfg.pretrain
