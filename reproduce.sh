@@ -2,6 +2,8 @@
 # Thin entry point: maps a target to `python -m paper_repro ...` after making sure the
 # environment (.venv with the package) and the offline data (Fashion-MNIST) are there.
 #   ./reproduce.sh table1 [--scale smoke|cpu|paper] [more flags for `paper_repro sweep`]
+#   ./reproduce.sh table1 --slurm [--partition P --time HH:MM:SS ...]   submit SLURM job arrays
+#   ./reproduce.sh status [table1] [--scale S]  each run: done, running, queued, failed (log), not submitted
 #   ./reproduce.sh aggregate [--scale S]      rebuild tables and figures from results/ alone
 #   ./reproduce.sh test [pytest args]         the test suite (what CI runs)
 set -euo pipefail
@@ -34,7 +36,7 @@ ensure_data() {
 }
 
 usage() {
-  sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 target="${1:-}"
@@ -46,12 +48,16 @@ case "$target" in
   aggregate)
     ensure_env
     exec "$PY" -m paper_repro aggregate "$@" ;;
+  status)
+    ensure_env
+    if [ $# -eq 0 ] || [ "${1#-}" != "$1" ]; then set -- table1 "$@"; fi
+    exec "$PY" -m paper_repro status "$@" ;;
   test)
     ensure_env; ensure_data
     exec "$PY" -m pytest -q "$@" ;;
   ""|-h|--help|help)
     usage ;;
   *)
-    echo "reproduce.sh: unknown target '$target' (targets: table1, aggregate, test)" >&2
+    echo "reproduce.sh: unknown target '$target' (targets: table1, status, aggregate, test)" >&2
     exit 2 ;;
 esac

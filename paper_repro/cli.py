@@ -1,4 +1,4 @@
-"""`python -m paper_repro`: run, finetune, sweep, table, aggregate.
+"""`python -m paper_repro`: run, finetune, sweep, table, aggregate, status.
 
 Every user error (bad flag value, missing data, unsafe checkpoint...) ends as one line on
 stderr and exit status 2; nothing already in the results store is overwritten.
@@ -73,26 +73,15 @@ def _recipe(method: str) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .config import build_config, load_experiment, resolve_row
+    from .config import build_config
     from .runner import train
 
-    overrides = _overrides(args)
     if args.experiment:
-        exp = load_experiment(args.experiment)
-        rows = [args.row] if args.row else exp.row_ids
-        scale = args.scale or _default_scale()
-        from .methods import list_methods
-        for row_id in rows:
-            method = exp.row(row_id)["method"]
-            if not args.row and method not in list_methods():
-                print(f"skip {exp.name}/{row_id}: method '{method}' is not implemented yet")
-                continue
-            for seed in _seeds(args):
-                cfg = resolve_row(exp, row_id, scale, seed=seed, overrides=overrides,
-                                  method_recipe=_recipe(method),
-                                  controlled_arch=getattr(args, "controlled", None))
-                _report(train(cfg, resume=args.resume))
+        args.rows = args.row
+        for cfg in _experiment_configs(args, args.experiment, args.scale or _default_scale()):
+            _report(train(cfg, resume=args.resume))
         return 0
+    overrides = _overrides(args)
     method = args.method or "natural"
     for seed in _seeds(args):
         cfg = build_config(("method recipe", _recipe(method)), ("command line", overrides),
@@ -111,19 +100,46 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return cmd_run(args)
 
 
+def _experiment_configs(args: argparse.Namespace, name: str, scale: str) -> list:
+    """The configs a sweep of experiment `name` runs: its rows (or --rows) x seeds."""
+    from .config import load_experiment, resolve_row
+
+    exp = load_experiment(name)
+    rows = args.rows.split(",") if getattr(args, "rows", None) else exp.row_ids
+    overrides = _overrides(args)
+    configs = []
+    for row_id in rows:
+        method = exp.row(row_id)["method"]
+        configs += [resolve_row(exp, row_id, scale, seed=seed, overrides=overrides,
+                                method_recipe=_recipe(method),
+                                controlled_arch=getattr(args, "controlled", None))
+                    for seed in _seeds(args)]
+    return configs
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """Run every row (x seeds) of an experiment, then render its table."""
-    args.row = None
+    """Run every row (x seeds) of an experiment, then render its table; with --slurm, submit
+    them as job arrays instead and return."""
+    from slurm.launcher import options_from_args
+
+    slurm_options = options_from_args(args)  # None without --slurm
+    if slurm_options is not None:
+        from slurm.launcher import submit_sweep
+
+        if not args.scale:
+            print("--slurm without --scale: using the paper scale")
+        job_ids = submit_sweep(_experiment_configs(args, args.experiment,
+                                                   args.scale or "paper"), slurm_options)
+        print(f"submitted {len(job_ids)} jobs: {' '.join(job_ids)}" if job_ids else
+              "nothing to submit: every run is done, queued or running")
+        print(f"follow them with: python -m paper_repro status {args.experiment} "
+              f"--scale {args.scale or 'paper'}")
+        return 0
+    from .runner import train
+
     args.scale = args.scale or _default_scale()
-    if args.rows:
-        from .config import load_experiment
-        exp = load_experiment(args.experiment)
-        for row_id in args.rows.split(","):
-            exp.row(row_id)  # validate before training anything
-            args.row = row_id
-            cmd_run(args)
-    else:
-        cmd_run(args)
+    for cfg in _experiment_configs(args, args.experiment, args.scale):  # all validated first
+        _report(train(cfg, resume=args.resume))
     args.experiments = [args.experiment]
     return cmd_table(args)
 
@@ -137,6 +153,17 @@ def cmd_table(args: argparse.Namespace) -> int:
                             controlled_arch=getattr(args, "controlled", None))
         print(paths["md"].read_text())
         print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Each run's state (done, running, queued, failed, not submitted) from store and scheduler."""
+    from slurm.launcher import format_status, status
+
+    scale = args.scale or _default_scale()
+    for name in args.experiments:
+        print(f"{name} ({scale} scale)")
+        print(format_status(status(_experiment_configs(args, name, scale))))
     return 0
 
 
@@ -203,7 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", help="comma-separated subset of rows")
     p.add_argument("--controlled", metavar="ARCH",
                    help="run every row on this architecture (stored as <exp>-controlled-ARCH)")
+    from slurm.launcher import add_slurm_arguments
+    add_slurm_arguments(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = runlike("status", "each run's state: done, running, queued, failed (with its log) or "
+                          "not submitted")
+    p.add_argument("experiments", nargs="+", help="e.g. table1")
+    p.add_argument("--rows", help="comma-separated subset of rows")
+    p.add_argument("--controlled", metavar="ARCH", help="the controlled variant on ARCH")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("table", help="render tables from the results store")
     p.add_argument("experiments", nargs="+", help="e.g. table1")

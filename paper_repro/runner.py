@@ -103,8 +103,7 @@ def load_data(cfg: RunConfig) -> Data:
 def pseudo_labels(cfg: RunConfig, info: DatasetInfo, images: torch.Tensor) -> torch.Tensor:
     """Self-training (the cpu stand-in of Carmon et al.'s +500K): a teacher trained on the
     labelled subset labels the held-out images with its predictions."""
-    teacher_cfg = dataclasses.replace(cfg, extra_data=None, extra_data_n=0,
-                                      extra_data_path=None)
+    teacher_cfg = teacher_config(cfg)
     teacher_dir = ensure_pretrained(teacher_cfg)
     device = resolve_device(cfg.device)
     teacher = build_model(teacher_cfg, info).to(device)
@@ -116,6 +115,12 @@ def pseudo_labels(cfg: RunConfig, info: DatasetInfo, images: torch.Tensor) -> to
             x = images[start:start + 1000].to(device).float().div_(255)
             labels.append(teacher(x).argmax(1).cpu())
     return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
+
+
+def teacher_config(cfg: RunConfig) -> RunConfig:
+    """The self-training teacher of a pseudo-label pre-training: the same run without the extra
+    data (so it is the plain AFT row's pre-training, reused by hash)."""
+    return dataclasses.replace(cfg, extra_data=None, extra_data_n=0, extra_data_path=None)
 
 
 def build_model(cfg: RunConfig, info: DatasetInfo) -> ImageClassifier:

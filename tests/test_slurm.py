@@ -1,0 +1,264 @@
+"""slurm/launcher.py against a real one-node SLURM: job arrays, afterok pre-training, idempotent
+re-submission, failures in `status`, and a requeued job resuming to the uninterrupted result.
+
+No mocks. A session fixture starts the throwaway cluster with slurm/cluster/start.sh (munge,
+MariaDB, slurmdbd, slurmctld, slurmd; as root it first installs the Debian packages if they are
+missing) and stops it at the end. The cluster's AuthInfo cred_expire=10 keeps a requeued job
+ineligible for ~11 s instead of Slurm's default 120 s, so the file runs in a few minutes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from paper_repro import cli, results
+from paper_repro.config import load_experiment, resolve_row
+from paper_repro.methods import get_method
+from slurm import launcher
+
+from conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ["slurmctld", "slurmd", "slurmdbd", "slurm-client", "munge", "mariadb-server"]
+DAEMONS = ["munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "srun", "sacct"]
+OPTIONS = launcher.ExecutorOptions(time="00:30:00", cpus_per_task=1, cluster="slurm")
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+def _install_packages() -> str | None:
+    """Install the cluster's Debian packages; returns why not, or None when done."""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return "not root or no apt-get"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"],
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            return f"{' '.join(cmd[:2])} failed: {done.stderr.strip()[-300:]}"
+    return None
+
+
+def _skip(reason: str) -> None:
+    """Skip, except where a cluster is required (CI sets REPRO_REQUIRE_SLURM=1)."""
+    if os.environ.get("REPRO_REQUIRE_SLURM") == "1":
+        pytest.fail(f"REPRO_REQUIRE_SLURM=1 but: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A running single-node SLURM with accounting; SLURM_CONF set for this process."""
+    if any(_which(d) is None for d in DAEMONS):
+        why = _install_packages()
+        if why is not None or any(_which(d) is None for d in DAEMONS):
+            _skip(f"SLURM packages ({' '.join(PACKAGES)}) missing and not installable here "
+                  f"({why})")
+    if os.geteuid() != 0:
+        _skip("slurm/cluster/start.sh starts daemons and must run as root")
+    started = subprocess.run([str(ROOT / "slurm/cluster/start.sh")], capture_output=True,
+                             text=True, timeout=300)
+    assert started.returncode == 0, started.stderr
+    last = started.stdout.strip().splitlines()[-1]
+    assert last.startswith("export SLURM_CONF="), started.stdout
+    conf = last.split("=", 1)[1]
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    if previous is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = previous
+    if "already running" not in started.stderr:  # leave a cluster someone else started alone
+        subprocess.run([str(ROOT / "slurm/cluster/stop.sh"), "--purge"], timeout=120)
+
+
+def _wait(configs, timeout_s: float, until=("done", "failed")) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = launcher.status(configs)
+        if all(r["state"] in until for r in rows):
+            return rows
+        if time.monotonic() > deadline:
+            pytest.fail("jobs did not finish in time:\n" + launcher.format_status(rows))
+        time.sleep(2)
+
+
+def _sacct(job_id: str, fields: str, *extra: str) -> list[dict[str, str]]:
+    out = subprocess.run(["sacct", "-X", "-P", "-o", fields, "-j", job_id, *extra],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    names = out[0].split("|")
+    return [dict(zip(names, line.split("|"))) for line in out[1:]]
+
+
+def _ledger(directory: Path) -> dict:
+    return json.loads((directory / launcher.LEDGER).read_text())
+
+
+# --- the smoke Table 1 as job arrays ------------------------------------------------------------
+
+def _table1_configs(store: Path):
+    exp = load_experiment("table1")
+    return [resolve_row(exp, r, "smoke", overrides={"results_dir": str(store)},
+                        method_recipe=get_method(exp.row(r)["method"]).recipe)
+            for r in exp.row_ids]
+
+
+@pytest.fixture(scope="module")
+def table1_store(cluster, tmp_path_factory):
+    """The smoke Table 1 submitted with `sweep --slurm` and run to the end."""
+    store = tmp_path_factory.mktemp("slurm_store")
+    argv = ["sweep", "table1", "--scale", "smoke", "--slurm", "--time", "00:30:00",
+            "--cpus-per-task", "1", "--results-dir", str(store)]
+    assert cli.main(argv) == 0
+    rows = _wait(_table1_configs(store), timeout_s=420)
+    assert all(r["state"] == "done" for r in rows), launcher.format_status(rows)
+    return store
+
+
+def test_smoke_table1_runs_as_job_arrays_and_renders_from_what_the_jobs_wrote(table1_store):
+    from paper_repro.report.tables import write_table
+
+    paths = write_table("table1", "smoke", results_dir=table1_store)
+    table = pd.read_csv(paths["csv"])
+    assert list(table["row"]) == load_experiment("table1").row_ids
+    assert (table["status"] == "done").all()
+    assert table["clean_acc"].notna().all() and table["pgd_acc"].notna().all()
+    runs = table1_store / "runs" / "smoke" / "table1"
+    job_ids = {_ledger(runs / r / "seed0")["job_id"] for r in table["row"]}
+    assert len({j.split("_")[0] for j in job_ids}) < len(job_ids)  # rows share an array
+
+
+def test_aft_rows_waited_for_their_pretraining_job(table1_store):
+    runs = table1_store / "runs" / "smoke"
+    for row in ("aft", "aft_500k"):
+        aft_dir = runs / "table1" / row / "seed0"
+        pre_dir = Path(results.read_record(aft_dir)["pretrain_source"])
+        assert pre_dir.parent.name == "pretrain" and results.is_done(pre_dir)
+        aft, pre = _ledger(aft_dir), _ledger(pre_dir)
+        assert aft["depends_on"] == [pre["job_id"]]
+        # the dependency is in the job array's sbatch script...
+        array_id = aft["job_id"].split("_")[0]
+        script = Path(aft["folder"]).parent / array_id / f"{array_id}_submission.sh"
+        assert f"#SBATCH --dependency=afterok:{pre['job_id']}" in script.read_text()
+        # ...and SLURM honoured it: the AFT job started after its pre-training ended
+        end = _sacct(pre["job_id"], "JobID,End")[0]["End"]
+        start = _sacct(aft["job_id"], "JobID,Start")[0]["Start"]
+        assert start >= end, (row, start, end)
+    # AFT(+500K)'s self-training pre-training needs a teacher: the plain AFT pre-training,
+    # trained once, by its own job
+    pre_500k = Path(results.read_record(runs / "table1" / "aft_500k" / "seed0")["pretrain_source"])
+    teacher = Path(results.read_record(runs / "table1" / "aft" / "seed0")["pretrain_source"])
+    assert _ledger(pre_500k)["depends_on"] == [_ledger(teacher)["job_id"]]
+
+
+def test_resubmitting_a_finished_sweep_submits_nothing(table1_store, capsys):
+    assert launcher.submit_sweep(_table1_configs(table1_store), OPTIONS) == []
+    assert cli.main(["sweep", "table1", "--scale", "smoke", "--slurm",
+                     "--results-dir", str(table1_store)]) == 0
+    assert "nothing to submit" in capsys.readouterr().out
+    assert cli.main(["status", "table1", "--scale", "smoke",
+                     "--results-dir", str(table1_store)]) == 0
+    assert "10 done" in capsys.readouterr().out  # 8 rows + 2 pre-training runs
+
+
+# --- failures -----------------------------------------------------------------------------------
+
+def test_a_failed_job_shows_as_failed_with_its_log(cluster, tmp_path):
+    cfg = tiny_config(tmp_path, dataset="cifar10", data_root=str(tmp_path / "no-such-data"))
+    (job_id,) = launcher.submit_sweep([cfg], OPTIONS)
+    assert launcher.submit_sweep([cfg], OPTIONS) == []  # queued or running: not submitted twice
+    (row,) = _wait([cfg], timeout_s=120)
+    assert row["state"] == "failed" and row["job_id"] == job_id
+    assert Path(row["log"]).is_file() and row["log"].endswith("_log.err")
+    assert "DataError" in row["detail"] and "cifar10" in row["detail"]
+    assert "FAILED" in row["detail"]
+    assert "logs of failed runs:" in launcher.format_status([row])
+    # a failed run is submitted again (its ledger keeps the old job id)
+    (again,) = launcher.submit_sweep([cfg], OPTIONS)
+    subprocess.run(["scancel", again], check=True)
+    assert _ledger(results.run_dir(tmp_path, cfg.run_path))["previous"] == [job_id]
+
+
+def test_slurm_flags_without_slurm_and_slurm_without_srun_are_one_line_errors(tmp_path):
+    def run(argv, path):
+        return subprocess.run([sys.executable, "-m", "paper_repro", *argv], cwd=ROOT,
+                              capture_output=True, text=True, env={**os.environ, "PATH": path})
+
+    base = ["sweep", "table1", "--scale", "smoke", "--results-dir", str(tmp_path)]
+    done = run(base + ["--partition", "gpu"], os.environ["PATH"])
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
+    assert "--partition only applies with --slurm" in done.stderr
+    done = run(base + ["--slurm"], str(tmp_path))  # a PATH without srun
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
+    assert "slurm/cluster/start.sh" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_without_slurm_the_sweep_runs_through_submitits_local_executor(tmp_path):
+    cfg = tiny_config(tmp_path)
+    options = launcher.ExecutorOptions(time="00:10:00", cluster="local")
+    (job_id,) = launcher.submit_sweep([cfg], options)  # waits: no scheduler to come back to
+    (row,) = launcher.status([cfg])
+    assert row["state"] == "done" and row["job_id"] == job_id
+    assert launcher.submit_sweep([cfg], options) == []
+
+
+def test_the_training_path_does_not_import_submitit():
+    code = ("import sys, paper_repro.cli as c; c.build_parser(); import paper_repro.runner; "
+            "sys.exit('submitit' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+# --- requeue ------------------------------------------------------------------------------------
+
+def _epochs_per_start(log: Path) -> list[list[int]]:
+    """Epoch numbers the job printed, split at each (re)start of the job."""
+    starts: list[list[int]] = []
+    for line in log.read_text().splitlines():
+        if "Starting with JobEnvironment" in line:
+            starts.append([])
+        elif " epoch " in line and starts:
+            starts[-1].append(int(line.split(" epoch ")[1].split("/")[0]))
+    return starts
+
+
+def test_a_requeued_job_resumes_from_its_checkpoint_to_the_uninterrupted_result(cluster, tmp_path):
+    epochs = 30
+    requeued, reference = (tiny_config(tmp_path / name, epochs=epochs, train_subset=1024)
+                           for name in ("requeued", "reference"))
+    job_id, _ = launcher.submit_sweep([requeued, reference], OPTIONS)  # one array, side by side
+    directory = results.run_dir(requeued.results_dir, requeued.run_path)
+    deadline = time.monotonic() + 120
+    while not (directory / "checkpoint.pt").is_file():
+        assert time.monotonic() < deadline, "no checkpoint after 120 s"
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    assert not results.is_done(directory)
+    rows = _wait([requeued, reference], timeout_s=240)
+    assert [r["state"] for r in rows] == ["done", "done"], launcher.format_status(rows)
+
+    deadline = time.monotonic() + 60  # the record is written a moment before the job ends
+    while (states := [r["State"] for r in _sacct(job_id, "JobID,State", "--duplicates")]
+           )[-1] != "COMPLETED" and time.monotonic() < deadline:
+        time.sleep(1)
+    assert states[0] == "REQUEUED" and states[-1] == "COMPLETED", states
+    first, second = _epochs_per_start(Path(_ledger(directory)["stdout"]))
+    assert first and first[-1] < epochs          # killed mid-run...
+    assert second[0] > 1 and second[-1] == epochs  # ...and resumed from a checkpoint
+    ref_dir = results.run_dir(reference.results_dir, reference.run_path)
+    a, b = results.read_record(directory), results.read_record(ref_dir)
+    assert (a["clean_acc"], a["pgd_acc"], a["steps_done"]) == \
+        (b["clean_acc"], b["pgd_acc"], b["steps_done"])
+    curves = [results.load_metrics(d).drop(columns=["train_time_s"]) for d in (directory, ref_dir)]
+    pd.testing.assert_frame_equal(*curves)
