@@ -23,9 +23,10 @@ def test_smoke_table1_has_every_row_measured(smoke_store):
     table = pd.read_csv(smoke_store / "tables" / "smoke" / "table1.csv")
     assert list(table["row"]) == ROWS
     assert (table["status"] == "done").all()
-    for col in ("clean_acc", "pgd_acc", "train_minutes", "cost_pflop", "paper_clean", "paper_pgd",
-                "paper_time"):
+    for col in ("row", "method", "arch", "dataset", "scale", "clean_acc", "pgd_acc",
+                "train_minutes", "cost_pflop", "paper_clean", "paper_pgd", "paper_minutes"):
         assert table[col].notna().all(), col
+    assert table.set_index("row").loc["pgd_at", "paper_minutes"] == 5418
     aft = table.set_index("row").loc["aft"]
     assert aft["pretrain_minutes"] >= 0 and aft["pretrain_pflop"] > 0
     assert pd.isna(table.set_index("row").loc["natural", "pretrain_minutes"])

@@ -32,6 +32,15 @@ def _paper_numbers(exp_paper_csv: str | None, results_dir: str | Path) -> pd.Dat
     return pd.read_csv(path)
 
 
+def _minutes(value: Any, unit: Any) -> float:
+    """The paper's time in minutes (Table 3 reports hours)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return value * {"min": 1.0, "h": 60.0, "hours": 60.0}.get(str(unit), math.nan)
+
+
 def _stats(values: pd.Series) -> tuple[float, float]:
     values = pd.to_numeric(values, errors="coerce").dropna()
     if values.empty:
@@ -80,7 +89,8 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
             p = paper.loc[rid]
             line.update(paper_arch=p.get("arch"), paper_clean=p.get("clean"),
                         paper_pgd=p.get("pgd"), paper_time=p.get("time"),
-                        paper_time_unit=p.get("time_unit"), paper_source=p.get("source"))
+                        paper_time_unit=p.get("time_unit"), paper_source=p.get("source"),
+                        paper_minutes=_minutes(p.get("time"), p.get("time_unit")))
         if scale == "paper" and line["status"] == "done":
             line["diff_clean"] = line["clean_acc"] - float(line.get("paper_clean", math.nan))
             line["diff_pgd"] = line["pgd_acc"] - float(line.get("paper_pgd", math.nan))
