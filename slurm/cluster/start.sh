@@ -39,23 +39,8 @@ NODE="$(hostname -s)"
 SOCKET="$DIR/munge/munge.socket.2"
 export SLURM_CONF="$DIR/slurm.conf"
 
-pidfile() {
-  case "$1" in
-    munged) echo "$DIR/munge/munged.pid" ;;
-    mariadbd) echo "$DIR/mysql/mariadbd.pid" ;;
-    *) echo "$DIR/run/$1.pid" ;;
-  esac
-}
-
-# A daemon counts as running only if its recorded pid is alive AND is that program, so a
-# stale pid file (reboot, pid reuse) is never mistaken for a live daemon.
-is_running() {
-  local file pid
-  file="$(pidfile "$1")"
-  [ -s "$file" ] || return 1
-  pid="$(tr -dc '0-9' < "$file")"
-  [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm")" = "$1" ]
-}
+. "$(dirname "$0")/pids.sh"  # pidfile, live_pid
+is_running() { live_pid "$1" >/dev/null; }
 
 wait_for() {  # wait_for SECONDS WHAT 'SHELL COMMAND': retry it (10 s cap per try) until it works
   local deadline=$((SECONDS + $1)) what="$2" cmd="$3"

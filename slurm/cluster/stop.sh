@@ -8,23 +8,7 @@ set -euo pipefail
 DIR="${REPRO_SLURM_DIR:-/tmp/repro-slurm}"
 say() { echo "stop.sh: $*" >&2; }
 
-pidfile() {
-  case "$1" in
-    munged) echo "$DIR/munge/munged.pid" ;;
-    mariadbd) echo "$DIR/mysql/mariadbd.pid" ;;
-    *) echo "$DIR/run/$1.pid" ;;
-  esac
-}
-
-# The recorded pid, only if it is still that program (never signal a reused pid).
-live_pid() {
-  local file pid
-  file="$(pidfile "$1")"
-  [ -s "$file" ] || return 1
-  pid="$(tr -dc '0-9' < "$file")"
-  [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm")" = "$1" ] || return 1
-  echo "$pid"
-}
+. "$(dirname "$0")/pids.sh"  # pidfile, live_pid
 
 status=0
 for d in slurmd slurmctld slurmdbd mariadbd munged; do
