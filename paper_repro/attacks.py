@@ -79,11 +79,17 @@ def input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
     The loss is summed over the batch: L∞ steps only use the sign, and a summed loss keeps
     per-pixel gradients away from underflow in reduced precision.
     """
-    x_adv = x_adv.detach().requires_grad_(True)
     with frozen_parameters(model):
-        logits = model(x_adv)
-        loss = loss_fn(logits.float(), y).sum()
-        (grad,) = torch.autograd.grad(loss, x_adv)
+        return _input_gradient(model, x_adv, y, loss_fn)
+
+
+def _input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
+                    loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_gradient` for a model whose parameters the caller has already frozen."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    logits = model(x_adv)
+    loss = loss_fn(logits.float(), y).sum()
+    (grad,) = torch.autograd.grad(loss, x_adv)
     return grad, logits.detach()
 
 
@@ -103,11 +109,12 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
         delta = threat.random_start(x)
     else:
         delta = torch.zeros_like(x)
-    for _ in range(steps):
-        grad, _ = input_gradient(model, x + delta, y, loss_fn)
-        delta = threat.step(delta, grad, alpha)
-        delta = threat.project(delta)
-        delta = threat.clamp_to_image(x, delta)
+    with frozen_parameters(model):  # once per attack, not per step
+        for _ in range(steps):
+            grad, _ = _input_gradient(model, x + delta, y, loss_fn)
+            delta = threat.step(delta, grad, alpha)
+            delta = threat.project(delta)
+            delta = threat.clamp_to_image(x, delta)
     return (x + delta).detach()
 
 

@@ -314,8 +314,12 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
     steps_per_epoch = method.optimizer_steps_per_epoch(len(loader))
     schedule = make_schedule(cfg.schedule, base_lr=cfg.lr, epochs=cfg.epochs,
                              **cfg.schedule_args)
-    monitor_test = fixed_subset(len(data.test_y), cfg.monitor_n)
-    monitor_train = fixed_subset(len(data.train_y), cfg.monitor_n)
+    # evaluation images move to the device once, not batch by batch every epoch
+    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    test_idx = fixed_subset(len(test_y), cfg.monitor_n)
+    train_idx = fixed_subset(len(data.train_y), cfg.monitor_n)
+    monitor = MonitorSets(test_x, test_y, test_x[test_idx], test_y[test_idx],
+                          data.train_x[train_idx].to(device), data.train_y[train_idx].to(device))
 
     state = {"epoch": 0, "global_step": 0, "train_time_s": 0.0, "flops_per_epoch": None,
              "metrics": [], "lr_log": []}
@@ -354,7 +358,7 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
             raise TrainingDiverged(f"{run_path}: training diverged at epoch {epoch + 1} "
                                    f"(loss {stats.get('train_loss')}); last good checkpoint kept")
         row = {"epoch": epoch + 1, "lr": lr_start, "step": ctx.global_step, **stats,
-               **_monitor(model, data, monitor_test, monitor_train, cfg, device),
+               **_monitor(model, monitor, cfg, device),
                "train_time_s": round(state["train_time_s"], 3)}
         state["metrics"].append(row)
         state.update(epoch=epoch + 1, global_step=ctx.global_step,
@@ -368,7 +372,7 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
     bar.close()
 
     t_eval = time.perf_counter()
-    final = evaluate(model, data.test_x, data.test_y, eps=cfg.eps, alpha=cfg.eval_alpha_value,
+    final = evaluate(model, test_x, test_y, eps=cfg.eps, alpha=cfg.eval_alpha_value,
                      steps=cfg.eval_steps, n=cfg.eval_n, batch=cfg.eval_batch, device=device,
                      seed=cfg.seed)
     epochs_done = state["epoch"]
@@ -393,19 +397,31 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
     return record
 
 
-def _monitor(model: nn.Module, data: Data, test_idx: torch.Tensor, train_idx: torch.Tensor,
-             cfg: RunConfig, device: torch.device) -> dict[str, float]:
+@dataclass
+class MonitorSets:
+    """The per-epoch evaluation images, already on the device (uint8)."""
+
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    test_subset_x: torch.Tensor
+    test_subset_y: torch.Tensor
+    train_subset_x: torch.Tensor
+    train_subset_y: torch.Tensor
+
+
+def _monitor(model: nn.Module, sets: MonitorSets, cfg: RunConfig,
+             device: torch.device) -> dict[str, float]:
     """Per-epoch curves (Fig 1, Fig 4): clean test accuracy on the whole test set, PGD on fixed
     test and train subsets."""
-    out = {"test_clean_acc": clean_accuracy(model, data.test_x, data.test_y,
+    out = {"test_clean_acc": clean_accuracy(model, sets.test_x, sets.test_y,
                                             batch=cfg.eval_batch, device=device)}
     if cfg.monitor_n > 0 and cfg.monitor_steps > 0:
         kwargs = dict(eps=cfg.eps, alpha=cfg.eval_alpha_value, steps=cfg.monitor_steps,
                       batch=cfg.eval_batch, device=device)
-        out["test_pgd_acc"] = pgd_accuracy(model, data.test_x[test_idx], data.test_y[test_idx],
+        out["test_pgd_acc"] = pgd_accuracy(model, sets.test_subset_x, sets.test_subset_y,
                                            **kwargs)
-        out["train_pgd_acc"] = pgd_accuracy(model, data.train_x[train_idx],
-                                            data.train_y[train_idx], **kwargs)
+        out["train_pgd_acc"] = pgd_accuracy(model, sets.train_subset_x, sets.train_subset_y,
+                                            **kwargs)
     return out
 
 

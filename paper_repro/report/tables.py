@@ -17,6 +17,10 @@ from ..config import controlled_name, load_experiment
 from ..errors import ReproError
 
 REPO_PAPER_DIR = Path(__file__).resolve().parents[2] / "results" / "paper"
+COLUMNS = ["row", "method", "arch", "dataset", "scale", "n_seeds", "clean_acc", "clean_std",
+           "pgd_acc", "pgd_std", "train_minutes", "pretrain_minutes", "cost_pflop",
+           "pretrain_pflop", "eval_n", "status", "paper_arch", "paper_clean", "paper_pgd",
+           "paper_time", "paper_time_unit", "paper_minutes", "paper_source"]
 MEASURED = ["clean_acc", "pgd_acc", "train_minutes", "pretrain_minutes", "cost_pflop",
             "pretrain_pflop"]
 
@@ -95,7 +99,8 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
             line["diff_clean"] = line["clean_acc"] - float(line.get("paper_clean", math.nan))
             line["diff_pgd"] = line["pgd_acc"] - float(line.get("paper_pgd", math.nan))
         lines.append(line)
-    return pd.DataFrame(lines)
+    diffs = ["diff_clean", "diff_pgd"] if scale == "paper" else []
+    return pd.DataFrame(lines).reindex(columns=COLUMNS + diffs)  # every column, always
 
 
 def _pm(mean: Any, std: Any, digits: int = 2) -> str:
@@ -124,25 +129,22 @@ def display_frame(df: pd.DataFrame) -> pd.DataFrame:
     """The human-readable table: text cells, ours beside the paper's."""
     out = pd.DataFrame({
         "Method": df["method"], "Arch": df["arch"].fillna(""),
-        "Clean": [_pm(m, s) for m, s in zip(df["clean_acc"] if "clean_acc" in df else [None] * len(df),
-                                             df.get("clean_std", [None] * len(df)))],
-        "PGD": [_pm(m, s) for m, s in zip(df["pgd_acc"] if "pgd_acc" in df else [None] * len(df),
-                                           df.get("pgd_std", [None] * len(df)))],
-        "Time (min)": [_num(v) for v in df.get("train_minutes", [None] * len(df))],
-        "Pre-train (min)": [_num(v) for v in df.get("pretrain_minutes", [None] * len(df))],
-        "Cost (PFLOP)": [_sci(v) for v in df.get("cost_pflop", [None] * len(df))],
+        "Clean": [_pm(m, s) for m, s in zip(df["clean_acc"], df["clean_std"])],
+        "PGD": [_pm(m, s) for m, s in zip(df["pgd_acc"], df["pgd_std"])],
+        "Time (min)": df["train_minutes"].map(_num),
+        "Pre-train (min)": df["pretrain_minutes"].map(_num),
+        "Cost (PFLOP)": df["cost_pflop"].map(_sci),
         "Seeds": df["n_seeds"],
-        "Paper arch": df.get("paper_arch", ""),
-        "Paper clean": [_num(v) for v in df.get("paper_clean", [None] * len(df))],
-        "Paper PGD": [_num(v) for v in df.get("paper_pgd", [None] * len(df))],
+        "Paper arch": df["paper_arch"].fillna(""),
+        "Paper clean": df["paper_clean"].map(_num),
+        "Paper PGD": df["paper_pgd"].map(_num),
         "Paper time": [f"{_num(v, 0)} {u}" if _num(v, 0) else "" for v, u in
-                       zip(df.get("paper_time", [None] * len(df)),
-                           df.get("paper_time_unit", [""] * len(df)))],
+                       zip(df["paper_time"], df["paper_time_unit"])],
         "Status": df["status"],
     })
     if "diff_clean" in df:
-        out.insert(11, "Δ clean", [_num(v) for v in df["diff_clean"]])
-        out.insert(12, "Δ PGD", [_num(v) for v in df["diff_pgd"]])
+        out.insert(11, "Δ clean", df["diff_clean"].map(_num))
+        out.insert(12, "Δ PGD", df["diff_pgd"].map(_num))
     return out
 
 
