@@ -96,9 +96,14 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def config_hash(self, exclude: tuple[str, ...] = ()) -> str:
-        """sha256 of the canonical JSON of every field that changes the result."""
+        """sha256 of the canonical JSON of every field that changes the result.
+
+        Fields added after the first results were stored (`HASH_STABLE_FIELDS`) enter the hash only
+        when they differ from their default, so adding a field never orphans the runs already done.
+        """
         d = {k: v for k, v in self.to_dict().items()
-             if k not in _EXECUTION_FIELDS and k not in exclude}
+             if k not in _EXECUTION_FIELDS and k not in exclude
+             and not (k in HASH_STABLE_FIELDS and v == _DEFAULTS[k])}
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -109,10 +114,13 @@ class RunConfig:
 
 
 _EXECUTION_FIELDS = frozenset({"device", "results_dir", "data_root"})
+# Every field added to RunConfig from now on goes here (see config_hash).
+HASH_STABLE_FIELDS: frozenset[str] = frozenset()
 _FIELD_TYPES = typing.get_type_hints(RunConfig)
 _DICT_FIELDS = frozenset(k for k, t in _FIELD_TYPES.items()
                          if t is dict or dict in typing.get_args(t))
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(RunConfig))
+_DEFAULTS = RunConfig().to_dict()
 
 _CHOICES = {
     "scale": SCALES,

@@ -1,11 +1,16 @@
 """config.py: resolution order, validation with one-line errors, hashing, experiment files."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from paper_repro.config import build_config, load_experiment, parse_override, resolve_row
 from paper_repro.errors import ConfigError
 from paper_repro.methods import get_method
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _row(row, scale, **overrides):
@@ -107,3 +112,17 @@ def test_controlled_runs_every_row_on_one_architecture():
         assert cfg.eval_steps == 20 and cfg.eps == pytest.approx(8 / 255)
         if cfg.pretrain is not None:
             assert "model_args" not in cfg.pretrain
+
+
+def test_committed_results_keep_their_config_hash():
+    """Adding a config field must not orphan runs already in the store: every committed cpu
+    Table 1 record still matches the hash of its row as resolved today."""
+    records = sorted((REPO / "results/runs/cpu/table1").glob("*/seed*/record.json"))
+    assert len(records) >= 8
+    exp = load_experiment("table1")
+    for path in records:
+        record = json.loads(path.read_text())
+        row = path.parent.parent.name
+        cfg = resolve_row(exp, row, "cpu", seed=int(path.parent.name[4:]),
+                          method_recipe=get_method(exp.row(row)["method"]).recipe)
+        assert cfg.config_hash() == record["config_hash"], row
