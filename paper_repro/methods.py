@@ -91,7 +91,8 @@ class Context:
 
     @property
     def eps(self) -> float:
-        return self.cfg.eps
+        """The training threat model: `train_eps` when set, else the evaluated `eps`."""
+        return self.cfg.eps if self.cfg.train_eps is None else self.cfg.train_eps
 
     @property
     def done(self) -> bool:

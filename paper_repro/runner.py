@@ -390,7 +390,8 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
         "pretrain_minutes": (pretrain_record or {}).get("train_minutes"),
         "pretrain_flops": (pretrain_record or {}).get("train_flops"),
         "train_images": int(len(data.train_y)),
-        "eps": cfg.eps, "eval_alpha": cfg.eval_alpha_value,
+        "eps": cfg.eps, "train_eps": cfg.train_eps if cfg.train_eps is not None else cfg.eps,
+        "eval_alpha": cfg.eval_alpha_value,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     results.atomic_write_json(directory / "record.json", record)
