@@ -102,13 +102,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def _experiment_configs(args: argparse.Namespace, name: str, scale: str) -> list:
     """The configs a sweep of experiment `name` runs: its rows (or --rows) x seeds."""
-    from .config import load_experiment, resolve_row
+    from .config import load_experiment, resolve_row, unsupported_reason
 
     exp = load_experiment(name)
     rows = args.rows.split(",") if getattr(args, "rows", None) else exp.row_ids
     overrides = _overrides(args)
     configs = []
     for row_id in rows:
+        reason = unsupported_reason(exp, exp.row(row_id)["id"], scale)
+        if reason and not getattr(args, "rows", None):  # named explicitly: resolve_row says why
+            print(f"skipping {name}/{row_id}: not supported at scale {scale} ({reason})",
+                  file=sys.stderr)
+            continue
         method = exp.row(row_id)["method"]
         configs += [resolve_row(exp, row_id, scale, seed=seed, overrides=overrides,
                                 method_recipe=_recipe(method),

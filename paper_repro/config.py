@@ -211,7 +211,8 @@ def _validate(values: dict[str, Any]) -> dict[str, Any]:
         (values["train_eps"] is None or 0 <= values["train_eps"] <= 1,
          "train_eps must be in [0, 1] (a fraction of the pixel range, e.g. 10/255)"),
         (values["eval_alpha"] is None or 0 < values["eval_alpha"] <= 1, "eval_alpha must be in (0, 1]"),
-        (values["epochs"] >= 1, "epochs must be >= 1"),
+        (values["epochs"] >= 1 or (values["epochs"] == 0 and values["init"]),
+         "epochs must be >= 1 (0 only with init: evaluate a pre-trained model)"),
         (values["batch_size"] >= 1, "batch_size must be >= 1"),
         (values["lr"] > 0, "lr must be > 0"),
         (values["weight_decay"] >= 0, "weight_decay must be >= 0"),
@@ -252,6 +253,7 @@ class Experiment:
     scales: dict[str, dict]
     rows: tuple[dict, ...]
     footnote: str = ""
+    time_unit: str = "min"  # the paper's unit for the time column: "min" or "hours"
 
     @property
     def row_ids(self) -> list[str]:
@@ -296,7 +298,17 @@ def load_experiment(name_or_path: str) -> Experiment:
         raise ConfigError(f"{path}: every [[rows]] entry needs an id and a method")
     return Experiment(name=data.get("name", path.stem), title=data.get("title", path.stem),
                       paper_csv=data.get("paper_csv"), scales=data.get("scales", {}),
-                      rows=tuple(rows), footnote=data.get("footnote", ""))
+                      rows=tuple(rows), footnote=data.get("footnote", ""),
+                      time_unit=data.get("time_unit", "min"))
+
+
+def unsupported_reason(exp: Experiment, row_id: str, scale: str) -> str | None:
+    """Why a row cannot run at this scale (`unsupported = "..."` in its scale block), or None."""
+    for s in exp.scale_chain(scale):
+        reason = exp.row(row_id).get(s, {}).get("unsupported")
+        if reason:
+            return str(reason)
+    return None
 
 
 def controlled_name(experiment: str, arch: str) -> str:
@@ -317,6 +329,9 @@ def resolve_row(exp: Experiment, row_id: str, scale: str, *, seed: int = 0,
     if scale not in SCALES:
         raise ConfigError(f"unknown scale '{scale}' (valid: {', '.join(SCALES)})")
     row = exp.row(row_id)
+    reason = unsupported_reason(exp, row_id, scale)
+    if reason:
+        raise ConfigError(f"{exp.name} row '{row_id}' is not supported at scale {scale}: {reason}")
     layers: list[tuple[str, Mapping[str, Any]]] = [("method recipe", method_recipe or {})]
     for s in exp.scale_chain(scale):
         block = {k: v for k, v in exp.scales.get(s, {}).items() if k != "inherits"}

@@ -70,3 +70,16 @@ def test_unknown_schedule_and_bad_arguments_are_clear():
     with pytest.raises(ConfigError):
         make_schedule("slow_start_fast_decay", base_lr=0.1, epochs=1, peak_at=1.5)
     assert math.isfinite(make_schedule("constant", base_lr=0.1, epochs=1).lr(0.3))
+
+
+def test_linear_schedule_interpolates_fast_at_imagenet_knots():
+    """Fast AT ImageNet: 0 -> 0.4 over epoch 1 of 15, -> 0.04 at epoch 6, per iteration."""
+    s = make_schedule("linear", base_lr=0.4, epochs=15,
+                      knots=[[0, 0], [1 / 15, 1], [6 / 15, 0.1], [12 / 15, 0.01], [1, 0.001]])
+    assert s.lr(0) == 0
+    assert s.lr(0.5) == pytest.approx(0.2)
+    assert s.lr(1) == pytest.approx(0.4)
+    assert s.lr(3.5) == pytest.approx(0.4 + (0.04 - 0.4) * 2.5 / 5)
+    assert s.lr(15) == pytest.approx(0.0004)
+    with pytest.raises(ConfigError):
+        make_schedule("linear", base_lr=0.1, epochs=1, knots=[[0, 1]])

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from .. import results
-from ..config import controlled_name, load_experiment
+from ..config import controlled_name, load_experiment, unsupported_reason
 from ..errors import ReproError
 
 REPO_PAPER_DIR = Path(__file__).resolve().parents[2] / "results" / "paper"
@@ -88,7 +88,9 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
         else:
             failed = mine[mine["status"] == results.STATUS_FAILED] if not mine.empty else mine
             line["status"] = (f"failed (epoch {failed['failed_epoch'].iloc[0]})"
-                              if not failed.empty else "not run")
+                              if not failed.empty else
+                              "not supported" if unsupported_reason(exp, rid, scale) else
+                              "not run")
         if rid in paper.index:
             p = paper.loc[rid]
             line.update(paper_arch=p.get("arch"), paper_clean=p.get("clean"),
@@ -125,14 +127,15 @@ def _sci(value: Any) -> str:
     return f"{float(value):.3g}" if text else ""
 
 
-def display_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """The human-readable table: text cells, ours beside the paper's."""
+def display_frame(df: pd.DataFrame, time_unit: str = "min") -> pd.DataFrame:
+    """The human-readable table: text cells, ours beside the paper's; times in the paper's unit."""
+    per, unit, digits = (60.0, "h", 3) if time_unit in ("h", "hours") else (1.0, "min", 2)
     out = pd.DataFrame({
         "Method": df["method"], "Arch": df["arch"].fillna(""),
         "Clean": [_pm(m, s) for m, s in zip(df["clean_acc"], df["clean_std"])],
         "PGD": [_pm(m, s) for m, s in zip(df["pgd_acc"], df["pgd_std"])],
-        "Time (min)": df["train_minutes"].map(_num),
-        "Pre-train (min)": df["pretrain_minutes"].map(_num),
+        f"Time ({unit})": (df["train_minutes"] / per).map(lambda v: _num(v, digits)),
+        f"Pre-train ({unit})": (df["pretrain_minutes"] / per).map(lambda v: _num(v, digits)),
         "Cost (PFLOP)": df["cost_pflop"].map(_sci),
         "Seeds": df["n_seeds"],
         "Paper arch": df["paper_arch"].fillna(""),
@@ -169,10 +172,10 @@ def footnote(name: str, scale: str, df: pd.DataFrame, controlled_arch: str | Non
 def write_table(name: str, scale: str, results_dir: str | Path = "results",
                 controlled_arch: str | None = None) -> dict[str, Path]:
     df = table_frame(name, scale, results_dir, controlled_arch)
-    shown = display_frame(df)
+    exp = load_experiment(name)
+    shown = display_frame(df, exp.time_unit)
     note = footnote(name, scale, df, controlled_arch)
     out_dir = Path(results_dir) / "tables" / scale
-    exp = load_experiment(name)
     if controlled_arch:
         name = controlled_name(name, controlled_arch)
     md = f"### {exp.title} ({scale} scale)\n\n{shown.to_markdown(index=False)}\n\n{note}\n"
