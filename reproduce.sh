@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Thin entry point: maps a target to `python -m paper_repro ...` after making sure the
 # environment (.venv with the package) and the offline data (Fashion-MNIST) are there.
-#   ./reproduce.sh table1 [--scale smoke|cpu|paper] [more flags for `paper_repro sweep`]
+#   ./reproduce.sh table1|table2|table3 [--scale smoke|cpu|paper] [more flags for `paper_repro sweep`]
+#   ./reproduce.sh fig1|fig3|fig4|fig5 [--scale S]  run what a figure needs, then draw it
+#   ./reproduce.sh all [--scale S]            every table and figure (train what is missing)
 #   ./reproduce.sh table1 --slurm [--partition P --time HH:MM:SS ...]   submit SLURM job arrays
 #   ./reproduce.sh status [table1] [--scale S]  each run: done, running, queued, failed (log), not submitted
 #   ./reproduce.sh aggregate [--scale S]      rebuild tables and figures from results/ alone
@@ -35,8 +37,18 @@ ensure_data() {
   fi
 }
 
+scale_flag() {  # the --scale S among a target's flags, for aggregate
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --scale) echo "--scale ${2:-}"; return ;;
+      --scale=*) echo "$1"; return ;;
+    esac
+    shift
+  done
+}
+
 usage() {
-  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 target="${1:-}"
@@ -45,6 +57,19 @@ case "$target" in
   table1|table2|table3)
     ensure_env; ensure_data
     exec "$PY" -m paper_repro sweep "$target" "$@" ;;
+  fig1|fig4)
+    ensure_env; ensure_data
+    exec "$PY" -m paper_repro sweep "$target" "$@" ;;
+  fig3|fig5)  # drawn from Table 1's natural, PGD AT and AFT runs
+    ensure_env; ensure_data
+    "$PY" -m paper_repro sweep table1 "$@"
+    exec "$PY" -m paper_repro aggregate $(scale_flag "$@") ;;
+  all)
+    ensure_env; ensure_data
+    for experiment in table1 table2 table3 fig1 fig4; do
+      "$PY" -m paper_repro sweep "$experiment" "$@"
+    done
+    exec "$PY" -m paper_repro aggregate $(scale_flag "$@") ;;
   aggregate)
     ensure_env
     exec "$PY" -m paper_repro aggregate "$@" ;;
@@ -58,6 +83,6 @@ case "$target" in
   ""|-h|--help|help)
     usage ;;
   *)
-    echo "reproduce.sh: unknown target '$target' (targets: table1, status, aggregate, test)" >&2
+    echo "reproduce.sh: unknown target '$target' (targets: table1 table2 table3 fig1 fig3 fig4 fig5 all aggregate status test)" >&2
     exit 2 ;;
 esac

@@ -145,6 +145,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     args.scale = args.scale or _default_scale()
     for cfg in _experiment_configs(args, args.experiment, args.scale):  # all validated first
         _report(train(cfg, resume=args.resume))
+    from .config import load_experiment
+
+    if load_experiment(args.experiment).kind == "figure":
+        from .report.figures import write_figures
+
+        for path in write_figures(args.scale, results_dir=args.results_dir or "results"):
+            print(f"wrote {path}")
+        return 0
     args.experiments = [args.experiment]
     return cmd_table(args)
 

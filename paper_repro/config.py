@@ -254,6 +254,7 @@ class Experiment:
     rows: tuple[dict, ...]
     footnote: str = ""
     time_unit: str = "min"  # the paper's unit for the time column: "min" or "hours"
+    kind: str = "table"     # "table" (rendered as a table) or "figure" (its runs feed a figure)
 
     @property
     def row_ids(self) -> list[str]:
@@ -299,7 +300,7 @@ def load_experiment(name_or_path: str) -> Experiment:
     return Experiment(name=data.get("name", path.stem), title=data.get("title", path.stem),
                       paper_csv=data.get("paper_csv"), scales=data.get("scales", {}),
                       rows=tuple(rows), footnote=data.get("footnote", ""),
-                      time_unit=data.get("time_unit", "min"))
+                      time_unit=data.get("time_unit", "min"), kind=data.get("kind", "table"))
 
 
 def unsupported_reason(exp: Experiment, row_id: str, scale: str) -> str | None:

@@ -194,5 +194,6 @@ def tables_with_results(scale: str, results_dir: str | Path = "results") -> list
     if runs.empty:
         return []
     from ..config import list_experiments
-    known = set(list_experiments())  # controlled variants are rendered by `table --controlled`
+    # controlled variants are rendered by `table --controlled`; figure experiments by figures.py
+    known = {e for e in list_experiments() if load_experiment(e).kind == "table"}
     return sorted(e for e in runs["experiment"].dropna().unique() if e in known)
