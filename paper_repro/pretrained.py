@@ -11,7 +11,7 @@
 Every form yields a state dict that is loaded into the model by one function, `load_into`:
 - Files are read with `torch.load(weights_only=True)`: a full-model pickle, which could run code
   when unpickled, is refused with one line (`safe_load`). torchvision's cached download is first
-  read the same way (see `_torchvision_weights`); timm reads files with weights_only=True itself.
+  read the same way (see `_torchvision_weights`), and so is a timm weights file.
 - Normalisation lives inside the model: torchvision and timm weights bring their mean/std (from
   the weights' transforms / timm's pretrained_cfg), which replace the model's input layer, so the
   model still takes [0,1] pixels. A bare network state dict keeps the model's own normalisation.
@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from . import results
 from .errors import CheckpointError, ConfigError
@@ -191,14 +190,16 @@ def _torchvision_weights(name: str, weights_name: str) -> Weights:
 
 
 def _timm_weights(name: str, file: str | None) -> Weights:
-    """timm's pretrained weights (the Hugging Face hub, or `file` via timm's own
-    `pretrained_cfg_overlay=dict(file=...)`, which timm reads with weights_only=True)."""
+    """timm's pretrained weights: the Hugging Face hub, or `file` through timm's own
+    `pretrained_cfg_overlay=dict(file=...)` (read here with weights_only=True first)."""
     import timm
 
     if not timm.is_model(name):
         raise ConfigError(f"init: unknown timm model {name!r} (see timm.list_models())")
     if file is not None and not Path(file).is_file():
         raise CheckpointError(f"init timm:{name}: weights file not found: {file}")
+    if file is not None and not file.endswith(".safetensors"):
+        safe_load(file)  # refuse a full pickle here, whatever timm's version does with it
     overlay = {"file": file} if file else None
     try:
         net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)

@@ -120,12 +120,15 @@ def fig3_points(runs: pd.DataFrame, n: int = FIG3_N) -> pd.DataFrame | None:
     if any(r is None or not (Path(r["run_dir"]) / "checkpoint.pt").is_file()
            for r in picked.values()):
         return None
-    frames = []
+    frames, test_sets = [], {}
     for row, run in picked.items():
         stored = results.read_json(Path(run["run_dir"]) / "config.json")
         cfg = build_config(("stored", {k: v for k, v in stored.items() if k != "config_hash"}))
         info = dataset_info(cfg.dataset)
-        images, labels = load_arrays(cfg.dataset, cfg.data_root, train=False)
+        key = (cfg.dataset, cfg.data_root)
+        if key not in test_sets:  # read once for all panels
+            test_sets[key] = load_arrays(cfg.dataset, cfg.data_root, train=False)
+        images, labels = test_sets[key]
         idx = fixed_subset(len(labels), n)
         model = build_model(cfg, info)
         load_weights(model, Path(run["run_dir"]) / "checkpoint.pt")
