@@ -3,17 +3,22 @@
 Public API (everything else is internal):
     RunConfig, build_config, load_experiment, resolve_row   -- configuration
     train                                                   -- run one config end to end
+    finetune                                                -- AFT on any model and loader
+    load_pretrained                                         -- torchvision:/timm:/run:/file init
     create_model, list_models                               -- model registry
     pgd, fgsm_rs                                            -- the attacks
     make_schedule                                           -- LR schedules
     load                                                    -- the results store as a DataFrame
 """
+from .api import finetune
 from .attacks import fgsm_rs, pgd
 from .config import RunConfig, build_config, load_experiment, resolve_row
 from .models import create_model, list_models
+from .pretrained import load_pretrained
 from .results import load
 from .runner import train
 from .schedules import make_schedule
 
-__all__ = ["RunConfig", "build_config", "load_experiment", "resolve_row", "train",
-           "create_model", "list_models", "pgd", "fgsm_rs", "make_schedule", "load"]
+__all__ = ["RunConfig", "build_config", "load_experiment", "resolve_row", "train", "finetune",
+           "load_pretrained", "create_model", "list_models", "pgd", "fgsm_rs", "make_schedule",
+           "load"]

@@ -23,7 +23,8 @@ _OVERRIDE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--eps", "eps", str, "L∞ radius in pixels, e.g. 8/255 or 0.1"),
     ("--train-subset", "train_subset", int, "use N training images"),
     ("--eval-n", "eval_n", int, "test images for the final PGD (default all)"),
-    ("--init", "init", str, "start from weights: a checkpoint file or run:<run-path>"),
+    ("--init", "init", str, "start from weights: torchvision:<name>[:<weights>], "
+     "timm:<name>[:<file>], run:<run-path> or a checkpoint file"),
     ("--max-steps", "max_steps", int, "stop after N optimiser steps"),
     ("--device", "device", str, "auto, cpu, cuda, cuda:1"),
     ("--results-dir", "results_dir", str, "results store (default results)"),
@@ -93,8 +94,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """AFT on any pre-trained model (`--init` required)."""
+    from .pretrained import FORMS, implied_arch
+
     if not args.init:
-        raise ReproError("finetune needs --init (a checkpoint file or run:<run-path>)")
+        raise ReproError(f"finetune needs --init ({FORMS})")
+    args.arch = args.arch or implied_arch(args.init)  # torchvision:/timm: bring their network
     args.method = "aft"
     args.experiment = None
     return cmd_run(args)

@@ -56,7 +56,7 @@ class RunConfig:
     # model
     arch: str = "cnn-small"
     model_args: dict = field(default_factory=dict)
-    init: str | None = None              # start from weights: a file or run:<run-id>
+    init: str | None = None              # start from weights: see pretrained.py (4 forms)
     pretrain: dict | None = None         # AFT: overrides for the natural pre-training run
     # optimisation
     epochs: int = 10

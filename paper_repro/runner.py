@@ -28,6 +28,7 @@ from .errors import CheckpointError, ConfigError, ReproError
 from .evaluation import clean_accuracy, evaluate, fixed_subset, pgd_accuracy
 from .methods import Context, Method, get_method
 from .models import ImageClassifier, create_model
+from .pretrained import apply_init, safe_load
 from .schedules import make_schedule
 
 _DATA_SEED = 0  # the labelled subset and the held-out pool are the same for every run
@@ -141,38 +142,17 @@ def load_weights(model: nn.Module, path: Path) -> None:
                               f"{type(model).__name__}: {first}") from None
 
 
-def safe_load(path: Path) -> Any:
-    """torch.load with weights_only=True: a pickled object that would run code is refused."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... alike
-        reason = str(e).strip().splitlines()[0][:160]
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise CheckpointError(f"{path}: refused, it is a full pickle rather than a state "
-                                  f"dict (loading it could run code): {reason}") from None
-        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({reason})") from None
-
-
-def resolve_init(model: nn.Module, cfg: RunConfig) -> str:
-    """Start from pre-trained weights: `init` (a file or run:<run-path>) or the pre-training run."""
+def resolve_init(model: nn.Module, cfg: RunConfig) -> tuple[str, str]:
+    """Start from pre-trained weights: `init` (any form of pretrained.py) or the pre-training
+    run. Returns (source, note); the note says what was adapted, e.g. a replaced head."""
     if cfg.init:
-        if cfg.init.startswith("run:"):
-            path = results.run_dir(cfg.results_dir, cfg.init[4:]) / "checkpoint.pt"
-        elif ":" in cfg.init.split("/")[0]:
-            prefix = cfg.init.split(":")[0]
-            raise ConfigError(f"init: unknown prefix '{prefix}:' (valid: run:<run-path>, "
-                              "or a checkpoint file path)")
-        else:
-            path = Path(cfg.init)
-        load_weights(model, path)
-        return str(path)
+        loaded = apply_init(model, cfg.init, results_dir=cfg.results_dir, arch=cfg.arch)
+        return loaded.source, loaded.note
     if cfg.pretrain is not None:
         directory = ensure_pretrained(pretrain_config(cfg))
         load_weights(model, directory / "checkpoint.pt")
-        return str(directory)
-    return ""
+        return str(directory), ""
+    return "", ""
 
 
 def pretrain_config(cfg: RunConfig) -> RunConfig:
@@ -300,7 +280,9 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
     data = load_data(cfg)
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
     model = build_model(cfg, data.info)
-    init_source = resolve_init(model, cfg)
+    init_source, init_note = resolve_init(model, cfg)
+    if init_note and not quiet:
+        tqdm.write(f"{run_path}: {init_note}")
     pretrain_record = results.read_record(Path(init_source)) if init_source and \
         Path(init_source).is_dir() else None
     model.to(device)
@@ -386,7 +368,7 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
         "eval_time_s": round(time.perf_counter() - t_eval, 3),
         "train_flops": (state["flops_per_epoch"] or 0) * epochs_done,
         "flops_note": "FLOPs counted with torch.utils.flop_counter over epoch 1, times epochs",
-        "pretrain_source": init_source,
+        "pretrain_source": init_source, "init_note": init_note or None,
         "pretrain_minutes": (pretrain_record or {}).get("train_minutes"),
         "pretrain_flops": (pretrain_record or {}).get("train_flops"),
         "train_images": int(len(data.train_y)),

@@ -27,6 +27,7 @@ __all__ = [
     "create_model",
     "list_models",
     "register_model",
+    "register_source",
 ]
 
 Constructor = Callable[..., nn.Module]
@@ -41,8 +42,11 @@ class _Entry:
     normalization: str  # one of NORMALIZATIONS
 
 
-# The only mutable module-level object (STYLE §"Six habits" 6): filled by the family modules.
+# The only mutable module-level objects (STYLE §"Six habits" 6): filled by the family modules.
 _MODELS: dict[str, _Entry] = {}
+# Other libraries' architectures by prefix: "torchvision:resnet50" -> _SOURCES["torchvision"]
+# ("resnet50", ...), filled by models/hub.py.
+_SOURCES: dict[str, Constructor] = {}
 
 
 def register_model(name: str, *, normalization: str = "mean-std") -> Callable[[Constructor], Constructor]:
@@ -60,6 +64,19 @@ def register_model(name: str, *, normalization: str = "mean-std") -> Callable[[C
         if name in _MODELS:
             raise ValueError(f"model {name!r} is already registered")
         _MODELS[name] = _Entry(fn, normalization)
+        return fn
+
+    return decorator
+
+
+def register_source(prefix: str) -> Callable[[Constructor], Constructor]:
+    """Register `fn(name, *, num_classes, in_channels, mean, std, **kwargs) -> ImageClassifier`
+    for the model names `<prefix>:<name>` (another library's architectures)."""
+
+    def decorator(fn: Constructor) -> Constructor:
+        if prefix in _SOURCES:
+            raise ValueError(f"model source {prefix!r} is already registered")
+        _SOURCES[prefix] = fn
         return fn
 
     return decorator
@@ -188,13 +205,22 @@ def create_model(
         >>> model = create_model("wrn-28-10", num_classes=10, dropout=0.3,
         ...                      mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))
         >>> model = create_model("cnn-small", num_classes=10, in_channels=1)
+        >>> model = create_model("torchvision:resnet50", num_classes=10)  # the library's network
     """
-    entry = _MODELS.get(name)
-    if entry is None:
-        raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
     if num_classes < 1 or in_channels < 1:
         raise ConfigError(f"model {name!r}: num_classes and in_channels must be >= 1")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    prefix, colon, library_name = name.partition(":")
+    if colon:
+        if prefix not in _SOURCES:
+            raise ConfigError(f"unknown model source {prefix + ':'!r} in {name!r}; valid: "
+                              f"{', '.join(p + ':<name>' for p in sorted(_SOURCES))}")
+        return _SOURCES[prefix](library_name, num_classes=num_classes, in_channels=in_channels,
+                                mean=mean, std=std, **kwargs)
+    entry = _MODELS.get(name)
+    if entry is None:
+        raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(list_models())}, "
+                          "or torchvision:<name> / timm:<name>")
     _check_kwargs(name, entry.constructor, kwargs)
     normalize = _make_normalize(name, entry, in_channels, mean, std)
     net = entry.constructor(num_classes=num_classes, in_channels=in_channels, **kwargs)

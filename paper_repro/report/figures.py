@@ -1,18 +1,27 @@
 """Figures from the results store only: PNG + PDF in results/figures/<scale>/.
 
 fig1: per-epoch accuracy of PGD AT (clean test, PGD test, PGD train) with the LR drops marked.
+fig3: penultimate-layer features of a fixed set of test images, LDA to c-1 dims then PCA to 2-D,
+      one panel per model (natural, PGD AT, AFT: Table 1's runs), one colour per class.
 fig4: step-LR(i, 0.5) fine-tunes of one pre-trained model, one curve per plateau length i.
 fig5: the 'slow start, fast decay' schedule an AFT run actually used, per iteration.
+
+Fig 3 needs the runs' checkpoints, which are not in git. When they are present, `write_figures`
+computes the 2-D points and stores them in results/figures/<scale>/fig3_points.csv (small, in
+git); without them it draws from that CSV, so `aggregate` rebuilds Fig 3 from results/ alone.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from .. import results  # noqa: E402
@@ -98,6 +107,118 @@ def fig5_schedule(run: pd.Series) -> plt.Figure:
     return fig
 
 
+# --- Fig 3: feature spaces ------------------------------------------------------------------
+
+FIG3_ROWS = {"natural": "(a) Natural", "pgd_at": "(b) PGD AT", "aft": "(c) AFT"}  # Table 1 rows
+FIG3_N = 2000  # fixed test images (evaluation.fixed_subset: the same for every panel)
+
+
+@torch.no_grad()
+def penultimate_features(model: torch.nn.Module, images: torch.Tensor, *, batch: int = 500,
+                         device: torch.device | str = "cpu") -> np.ndarray:
+    """`model.features` (the classifier head's input) of uint8 or [0,1] images, eval mode."""
+    model.eval().to(device)
+    out = []
+    for start in range(0, len(images), batch):
+        x = images[start:start + batch].to(device)
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        out.append(model.features(x).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def lda_pca_projection(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """[n, D] features -> [n, 2]: LDA to c-1 dimensions (class-discriminative directions),
+    then PCA to the two of largest variance, as the paper's Fig 3."""
+    from sklearn.decomposition import PCA
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    labels = np.asarray(labels)
+    n_lda = min(len(np.unique(labels)) - 1, features.shape[1])
+    if n_lda < 2:
+        raise ValueError("LDA + PCA to 2-D needs at least 3 classes and 2 feature dimensions")
+    lda = LinearDiscriminantAnalysis(n_components=n_lda).fit_transform(features, labels)
+    return PCA(n_components=2).fit_transform(lda)
+
+
+def fig3_points(runs: pd.DataFrame, n: int = FIG3_N) -> pd.DataFrame | None:
+    """The 2-D points of every Fig 3 panel from the runs' checkpoints; None if one is missing."""
+    from ..config import build_config
+    from ..data import dataset_info, load_arrays
+    from ..evaluation import fixed_subset
+    from ..runner import build_model, load_weights
+
+    picked = {row: _first_run(runs, "table1", row) for row in FIG3_ROWS}
+    if any(r is None or not (Path(r["run_dir"]) / "checkpoint.pt").is_file()
+           for r in picked.values()):
+        return None
+    frames, test_sets = [], {}
+    for row, run in picked.items():
+        stored = results.read_json(Path(run["run_dir"]) / "config.json")
+        cfg = build_config(("stored", {k: v for k, v in stored.items() if k != "config_hash"}))
+        info = dataset_info(cfg.dataset)
+        key = (cfg.dataset, cfg.data_root)
+        if key not in test_sets:  # read once for all panels
+            test_sets[key] = load_arrays(cfg.dataset, cfg.data_root, train=False)
+        images, labels = test_sets[key]
+        idx = fixed_subset(len(labels), n)
+        model = build_model(cfg, info)
+        load_weights(model, Path(run["run_dir"]) / "checkpoint.pt")
+        xy = lda_pca_projection(penultimate_features(model, images[idx]), labels[idx].numpy())
+        frames.append(pd.DataFrame({"row": row, "label": labels[idx].numpy(),
+                                    "x": xy[:, 0].round(4), "y": xy[:, 1].round(4)}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def fig3_features(points: pd.DataFrame, class_names: Sequence[str],
+                  titles: dict[str, str] = FIG3_ROWS, subtitle: str = "") -> plt.Figure:
+    """One scatter panel per model (column `row`), one colour per class, class names in a legend."""
+    from matplotlib.lines import Line2D
+
+    rows = [r for r in titles if r in set(points["row"])]
+    palette = np.array(sns.color_palette("tab10" if len(class_names) <= 10 else "husl",
+                                         len(class_names)))
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 4.2), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        panel = points[points["row"] == row]
+        # drawn in a fixed shuffled order, so that no class hides under the one drawn after it
+        panel = panel.iloc[np.random.default_rng(0).permutation(len(panel))]
+        ax.scatter(panel["x"], panel["y"], s=4, alpha=0.6, c=palette[panel["label"].to_numpy()],
+                   rasterized=True)
+        ax.set_title(titles[row], fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [Line2D([], [], ls="", marker="o", color=palette[i], label=name)
+               for i, name in enumerate(class_names)]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
+               fontsize=8)
+    fig.suptitle(f"Penultimate features, LDA (c-1 dims) then PCA (2-D){subtitle}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def write_fig3(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Fig 3 from the checkpoints (refreshing fig3_points.csv), else from the CSV, else nothing."""
+    from ..data import dataset_info
+    from ..errors import DataError
+
+    csv = out_dir / "fig3_points.csv"
+    try:
+        points = fig3_points(runs)
+    except DataError:  # checkpoints without the test images: the stored points still draw
+        points = None
+    if points is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results.atomic_write_text(csv, points.to_csv(index=False))
+    elif csv.is_file():
+        points = pd.read_csv(csv)
+    run = _first_run(runs, "table1", "aft")
+    if points is None or run is None:
+        return []
+    info = dataset_info(run["dataset"])
+    subtitle = f"; {run['arch']} on {info.name}, {points['row'].value_counts().iloc[0]} test images"
+    return _save(fig3_features(points, info.class_names, subtitle=subtitle), out_dir, "fig3")
+
+
 def write_figures(scale: str, results_dir: str | Path = "results") -> list[Path]:
     """Every figure whose runs exist at this scale."""
     runs = results.load(results_dir, scale=scale)
@@ -115,4 +236,5 @@ def write_figures(scale: str, results_dir: str | Path = "results") -> list[Path]
     run = _first_run(runs, "table1", "aft")
     if run is not None:
         written += _save(fig5_schedule(run), out_dir, "fig5")
+    written += write_fig3(runs, out_dir)
     return written
