@@ -23,6 +23,7 @@ _OVERRIDE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--eps", "eps", str, "L∞ radius in pixels, e.g. 8/255 or 0.1"),
     ("--train-subset", "train_subset", int, "use N training images"),
     ("--eval-n", "eval_n", int, "test images for the final PGD (default all)"),
+    ("--aa-n", "aa_n", int, "AutoAttack on N of those images (0: off; default the experiment's)"),
     ("--init", "init", str, "start from weights: torchvision:<name>[:<weights>], "
      "timm:<name>[:<file>], run:<run-path> or a checkpoint file"),
     ("--max-steps", "max_steps", int, "stop after N optimiser steps"),
@@ -209,7 +210,9 @@ def _seeds(args: argparse.Namespace) -> list[int]:
 def _report(record: dict[str, Any]) -> None:
     print(f"{record.get('run_path')}: clean {record.get('clean_acc', float('nan')):.2f}% "
           f"PGD-{record.get('eval_steps')} {record.get('pgd_acc', float('nan')):.2f}% "
-          f"train {record.get('train_minutes', 0):.2f} min [{record.get('status')}]")
+          + (f"AA {record['aa_acc']:.2f}% " if record.get("aa_acc") is not None else "")
+          + f"train {record.get('train_minutes', 0):.2f} min [{record.get('status')}]"
+          + (f" checks: {record['checks']}" if "checks" in record else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -78,6 +78,9 @@ class RunConfig:
     eval_batch: int = 500
     monitor_n: int = 500                 # per-epoch PGD on this many fixed test and train images
     monitor_steps: int = 10
+    # evaluation protocol (EVALUATION_FIELDS: never in the hash; the record says what was measured)
+    aa_n: int | None = None              # AutoAttack on this many PGD images (None: all, 0: off)
+    eval_checks: bool = True             # gradient-masking sanity checks (evaluation.py)
     # execution (not part of the hash)
     device: str = "auto"
     deterministic: bool = False
@@ -103,7 +106,7 @@ class RunConfig:
         when they differ from their default, so adding a field never orphans the runs already done.
         """
         d = {k: v for k, v in self.to_dict().items()
-             if k not in _EXECUTION_FIELDS and k not in exclude
+             if k not in _EXECUTION_FIELDS and k not in EVALUATION_FIELDS and k not in exclude
              and not (k in HASH_STABLE_FIELDS and v == _DEFAULTS[k])}
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -117,6 +120,11 @@ class RunConfig:
 _EXECUTION_FIELDS = frozenset({"device", "results_dir", "data_root"})
 # Every field added to RunConfig from now on goes here (see config_hash).
 HASH_STABLE_FIELDS: frozenset[str] = frozenset({"train_eps"})
+# How a trained model is measured, not what is trained: never hashed, so asking a done run for
+# more evaluation (AutoAttack, checks) re-evaluates its checkpoint instead of orphaning it; the
+# record stores the protocol it was measured with. (Also listed as hash-stable, trivially.)
+EVALUATION_FIELDS: frozenset[str] = frozenset({"aa_n", "eval_checks"})
+HASH_STABLE_FIELDS = HASH_STABLE_FIELDS | EVALUATION_FIELDS
 _FIELD_TYPES = typing.get_type_hints(RunConfig)
 _DICT_FIELDS = frozenset(k for k, t in _FIELD_TYPES.items()
                          if t is dict or dict in typing.get_args(t))
@@ -221,6 +229,7 @@ def _validate(values: dict[str, Any]) -> dict[str, Any]:
         (values["eval_steps"] >= 0, "eval_steps must be >= 0"),
         (values["train_subset"] is None or values["train_subset"] >= 1, "train_subset must be >= 1"),
         (values["eval_n"] is None or values["eval_n"] >= 1, "eval_n must be >= 1"),
+        (values["aa_n"] is None or values["aa_n"] >= 0, "aa_n must be >= 0 (0: no AutoAttack)"),
         (values["max_steps"] is None or values["max_steps"] >= 1, "max_steps must be >= 1"),
         (values["augment_pad"] >= 0, "augment_pad must be >= 0"),
         (values["monitor_n"] >= 0, "monitor_n must be >= 0"),

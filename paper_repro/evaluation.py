@@ -4,19 +4,59 @@ Clean accuracy on the full test set; PGD-k (k = 20 for the tables) at the table'
 α = ε/4, one random start, the model in eval mode, fp32, on a fixed subset of the test set
 (the same images for every run; all of them at paper scale). Per-epoch monitoring uses the
 same attack on fixed subsets of the test and the (un-augmented) training set.
+
+Because PGD-20 alone can overstate robustness, the final evaluation adds
+- AutoAttack, the standard version (Croce & Hein 2020, as on RobustBench): APGD-CE, APGD-T
+  (9 target classes), FAB-T (9 target classes), 100 iterations each, then Square (5,000
+  queries), each later attack on the points still robust. It runs through `pyautoattack`, the
+  PyPI packaging of the authors' code (the original `autoattack` is not on PyPI;
+  torchattacks' AutoAttack uses 10 iterations and is optimistic). It runs on the first `aa_n`
+  images of the PGD subset's fixed permutation, so its images are among PGD's.
+- sanity checks against gradient masking (Athalye et al. 2018, Carlini et al. 2019), computed
+  on the PGD images and stored in the record (`checks`: "ok" or the failed checks' names):
+    order_clean_fgsm  FGSM accuracy above clean accuracy
+    order_fgsm_pgd    PGD-20 above FGSM: the one-step attack beats the iterative one
+    order_pgd_aa      AutoAttack above PGD-20 on the AutoAttack images
+    pgd100            PGD-100 more than PGD100_MARGIN_PP below PGD-20: PGD-20 had not converged
+    large_eps         accuracy under PGD-20 at LARGE_EPS_FACTOR × ε above LARGE_EPS_MAX_ACC
+    aa_flags          AutoAttack's own detectors warned (randomised or softmax output, dynamic
+                      defence, Square beating the white-box attacks, too few classes)
+  "above" allows ORDER_TOLERANCE_PP of slack for the random start's noise.
 """
 from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from .attacks import pgd
+from .attacks import frozen_parameters, pgd
 
 _SUBSET_SEED = 20201224  # fixed: every run, every method evaluates the same images
 
+# AutoAttack
+AA_PACKAGE = "pyautoattack"
+AA_VERSION = "standard"
+AA_ATTACKS = "apgd-ce, apgd-t (9 targets), fab-t (9 targets), 100 iterations; square (5000 queries)"
+# Sanity checks: thresholds in percentage points of accuracy
+ORDER_TOLERANCE_PP = 0.5   # a stronger attack may leave at most this much more accuracy
+PGD100_MARGIN_PP = 1.0     # PGD-100 may be at most this far below PGD-20
+LARGE_EPS_FACTOR = 4.0     # the "large" radius: 4 × ε (capped at 1)
+LARGE_EPS_MAX_ACC = 5.0    # "near zero" accuracy at the large radius
+CHECK_NAMES = ("order_clean_fgsm", "order_fgsm_pgd", "order_pgd_aa", "pgd100", "large_eps",
+               "aa_flags")
+
+Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(images in [0,1], labels) -> adversarial images."""
+
 
 def fixed_subset(total: int, n: int | None) -> torch.Tensor:
-    """Indices of n images drawn once, independent of the run's seed."""
+    """Indices of n images drawn once, independent of the run's seed.
+
+    The first n of one fixed permutation (sorted): a smaller subset is part of a larger one.
+    """
     if n is None or n >= total:
         return torch.arange(total)
     g = torch.Generator().manual_seed(_SUBSET_SEED)
@@ -29,38 +69,157 @@ def _batches(images: torch.Tensor, labels: torch.Tensor, batch: int, device: tor
         yield x, labels[start:start + batch].to(device, non_blocking=True)
 
 
+def correct_flags(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                  attack: Attack | None, *, batch: int, device: torch.device) -> torch.Tensor:
+    """Per image: is it classified correctly (after `attack`, if given)? Eval mode."""
+    model.eval()
+    flags = []
+    for x, y in _batches(images, labels, batch, device):
+        x_adv = attack(x, y) if attack is not None else x
+        with torch.no_grad():
+            flags.append((model(x_adv).argmax(1) == y).cpu())
+    return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
+
+
+def _pct(flags: torch.Tensor) -> float:
+    return 100.0 * flags.sum().item() / max(len(flags), 1)
+
+
 @torch.no_grad()
 def clean_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                    batch: int, device: torch.device) -> float:
-    model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    for x, y in _batches(images, labels, batch, device):
-        correct += (model(x).argmax(1) == y).sum()
-    return 100.0 * correct.item() / max(len(labels), 1)
+    return _pct(correct_flags(model, images, labels, None, batch=batch, device=device))
+
+
+def pgd_attack(model: nn.Module, *, eps: float, alpha: float, steps: int,
+               random_start: bool = True) -> Attack:
+    return lambda x, y: pgd(model, x, y, eps=eps, alpha=alpha, steps=steps,
+                            random_start=random_start)
 
 
 def pgd_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float,
                  alpha: float, steps: int, batch: int, device: torch.device) -> float:
     """Accuracy under L∞ PGD-`steps` with one random start, eval mode."""
+    attack = pgd_attack(model, eps=eps, alpha=alpha, steps=steps) if steps > 0 else None
+    return _pct(correct_flags(model, images, labels, attack, batch=batch, device=device))
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def autoattack_flags(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+                     eps: float, batch: int, device: torch.device,
+                     seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Per image: still correct after standard AutoAttack (L∞)? And AutoAttack's warnings."""
+    from pyautoattack import AutoAttack, checks
+
     model.eval()
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    for x, y in _batches(images, labels, batch, device):
-        x_adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=steps) if steps > 0 else x
-        with torch.no_grad():
-            correct += (model(x_adv).argmax(1) == y).sum()
-    return 100.0 * correct.item() / max(len(labels), 1)
+    x = images.to(device).float().div_(255)
+    y = labels.to(device)
+    aa = AutoAttack(model, eps=eps, norm="Linf", version=AA_VERSION, seed=seed, device=device)
+    n_classes = int(model(x[:1]).shape[1])
+    aa.apgd_targeted.n_target_classes = min(aa.apgd_targeted.n_target_classes, n_classes - 1)
+    aa.fab.n_target_classes = min(aa.fab.n_target_classes, n_classes - 1)
+    checks.funcs.update(dict.fromkeys(checks.funcs, 0))  # its dynamic-defence counter is global
+    collect = _Collect()
+    aa.logger.addHandler(collect)
+    try:
+        with frozen_parameters(model):  # no parameter .grad is written by the attacks
+            _, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch)
+    finally:
+        aa.logger.removeHandler(collect)
+    return (y_adv == y).cpu(), collect.messages
+
+
+def masking_flags(warnings: list[str]) -> list[str]:
+    """AutoAttack warnings that flag the evaluation. Points with an exactly zero gradient are
+    recorded but not flagged: a very confident honest model underflows its cross-entropy
+    gradient in fp32; masking that matters shows in `large_eps` and in Square's warning."""
+    return [w for w in warnings if "zero gradient" not in w]
+
+
+def sanity_checks(acc: dict[str, float], aa_warnings: list[str] | None = None) -> list[str]:
+    """Names of the failed checks (see the module docstring) from accuracies in %.
+
+    `acc` holds clean, fgsm, pgd20, pgd100, large_eps on the same images, and, when
+    AutoAttack ran, aa and pgd20_on_aa on the AutoAttack images.
+    """
+    failed = []
+    if acc["fgsm"] > acc["clean"] + ORDER_TOLERANCE_PP:
+        failed.append("order_clean_fgsm")
+    if acc["pgd20"] > acc["fgsm"] + ORDER_TOLERANCE_PP:
+        failed.append("order_fgsm_pgd")
+    if "aa" in acc and acc["aa"] > acc["pgd20_on_aa"] + ORDER_TOLERANCE_PP:
+        failed.append("order_pgd_aa")
+    if acc["pgd100"] < acc["pgd20"] - PGD100_MARGIN_PP:
+        failed.append("pgd100")
+    if acc["large_eps"] > LARGE_EPS_MAX_ACC:
+        failed.append("large_eps")
+    if masking_flags(aa_warnings or []):
+        failed.append("aa_flags")
+    return failed
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float,
              alpha: float, steps: int, n: int | None, batch: int, device: torch.device,
-             seed: int = 0) -> dict[str, float]:
-    """The table protocol: clean on all images, PGD on the fixed subset of n images."""
+             seed: int = 0, aa_n: int | None = 0, checks: bool = False) -> dict:
+    """The table protocol: clean on all images, PGD on the fixed subset of n images; with
+    `aa_n` (None: all n images, 0: off) AutoAttack on the first aa_n of them; with `checks`
+    the sanity checks. Returns the record's evaluation fields."""
     torch.manual_seed(seed)  # the random start is part of the protocol: make it repeatable
     idx = fixed_subset(len(labels), n)
-    return {
-        "clean_acc": clean_accuracy(model, images, labels, batch=batch, device=device),
-        "pgd_acc": pgd_accuracy(model, images[idx], labels[idx], eps=eps, alpha=alpha,
-                                steps=steps, batch=batch, device=device),
-        "eval_n": int(len(idx)),
-        "eval_steps": steps,
-    }
+    clean = correct_flags(model, images, labels, None, batch=batch, device=device)
+    sub_x, sub_y = images[idx], labels[idx]
+    pgd20 = correct_flags(model, sub_x, sub_y, pgd_attack(model, eps=eps, alpha=alpha,
+                                                          steps=steps) if steps > 0 else None,
+                          batch=batch, device=device)
+    out: dict = {"clean_acc": _pct(clean), "pgd_acc": _pct(pgd20), "eval_n": int(len(idx)),
+                 "eval_steps": steps}
+    acc = {"clean": _pct(clean[idx]), "pgd20": _pct(pgd20)}
+    aa_warnings = None
+    if aa_n != 0:
+        t0 = time.perf_counter()
+        aa_idx = fixed_subset(len(labels), min(aa_n or len(idx), len(idx)))
+        on_aa = torch.isin(idx, aa_idx)
+        aa, aa_warnings = autoattack_flags(model, sub_x[on_aa], sub_y[on_aa], eps=eps,
+                                           batch=batch, device=device, seed=seed)
+        acc.update(aa=_pct(aa), pgd20_on_aa=_pct(pgd20[on_aa]))
+        out.update(aa_acc=acc["aa"], aa_n=int(on_aa.sum()), aa_version=AA_VERSION,
+                   aa_package=_package_version(AA_PACKAGE), aa_attacks=AA_ATTACKS,
+                   aa_clean_acc=_pct(clean[idx][on_aa]), aa_pgd_acc=acc["pgd20_on_aa"],
+                   aa_warnings=aa_warnings, aa_time_s=round(time.perf_counter() - t0, 3))
+    if checks:
+        large = min(LARGE_EPS_FACTOR * eps, 1.0)
+        attacks = {"fgsm": pgd_attack(model, eps=eps, alpha=eps, steps=1, random_start=False),
+                   "pgd100": pgd_attack(model, eps=eps, alpha=alpha, steps=100),
+                   "large_eps": pgd_attack(model, eps=large, alpha=large / 4, steps=20)}
+        for k, (name, attack) in enumerate(attacks.items(), start=1):
+            torch.manual_seed(seed + k)
+            acc[name] = _pct(correct_flags(model, sub_x, sub_y, attack, batch=batch,
+                                           device=device))
+        failed = sanity_checks(acc, aa_warnings)
+        out.update(fgsm_acc=acc["fgsm"], pgd100_acc=acc["pgd100"],
+                   large_eps_acc=acc["large_eps"], large_eps=large,
+                   checks=",".join(failed) or "ok", check_thresholds=thresholds())
+    return out
+
+
+def thresholds() -> dict[str, float]:
+    """The checks' thresholds, stored with every record that was checked."""
+    return {"order_tolerance_pp": ORDER_TOLERANCE_PP, "pgd100_margin_pp": PGD100_MARGIN_PP,
+            "large_eps_factor": LARGE_EPS_FACTOR, "large_eps_max_acc": LARGE_EPS_MAX_ACC}
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{name} {version(name)}"
+    except PackageNotFoundError:
+        return name

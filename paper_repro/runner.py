@@ -22,10 +22,10 @@ from .flops import TotalFlopCounter
 from tqdm import tqdm
 
 from . import results
-from .config import RunConfig, build_config
+from .config import EVALUATION_FIELDS, RunConfig, build_config
 from .data import Augment, ArrayLoader, DatasetInfo, dataset_info, load_arrays, load_ti500k
 from .errors import CheckpointError, ConfigError, ReproError
-from .evaluation import clean_accuracy, evaluate, fixed_subset, pgd_accuracy
+from .evaluation import AA_VERSION, clean_accuracy, evaluate, fixed_subset, pgd_accuracy
 from .methods import Context, Method, get_method
 from .models import ImageClassifier, create_model
 from .pretrained import apply_init, safe_load
@@ -165,6 +165,7 @@ def pretrain_config(cfg: RunConfig) -> RunConfig:
         "results_dir", "eval_steps", "eval_alpha", "eval_n", "eval_batch", "monitor_n",
         "monitor_steps", "eps", "augment_pad", "augment_flip", "max_steps")}
     child = build_config(("natural recipe", recipe), ("AFT row", inherited),
+                         ("no AutoAttack on a pre-training", {"aa_n": 0}),
                          ("pretrain", cfg.pretrain or {}), experiment="pretrain", row="pretrain",
                          scale=cfg.scale, seed=cfg.seed, method="natural")
     return child
@@ -250,6 +251,8 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
     _check_existing(directory, cfg)
     record = results.read_record(directory)
     if record and record.get("status") == results.STATUS_DONE:
+        if missing_evaluation(cfg, record):
+            return reevaluate(cfg, directory, record)
         return record
     checkpoint_path = directory / "checkpoint.pt"
     if resume and not checkpoint_path.is_file():
@@ -354,9 +357,7 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
     bar.close()
 
     t_eval = time.perf_counter()
-    final = evaluate(model, test_x, test_y, eps=cfg.eps, alpha=cfg.eval_alpha_value,
-                     steps=cfg.eval_steps, n=cfg.eval_n, batch=cfg.eval_batch, device=device,
-                     seed=cfg.seed)
+    final = final_evaluation(model, test_x, test_y, cfg, device)
     epochs_done = state["epoch"]
     record = {
         **base_record, **final,
@@ -378,6 +379,57 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
     }
     results.atomic_write_json(directory / "record.json", record)
     return record
+
+
+def final_evaluation(model: nn.Module, test_x: torch.Tensor, test_y: torch.Tensor,
+                     cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """The table protocol (evaluation.py) with the run's evaluation settings."""
+    return evaluate(model, test_x, test_y, eps=cfg.eps, alpha=cfg.eval_alpha_value,
+                    steps=cfg.eval_steps, n=cfg.eval_n, batch=cfg.eval_batch, device=device,
+                    seed=cfg.seed, aa_n=cfg.aa_n, checks=cfg.eval_checks)
+
+
+def missing_evaluation(cfg: RunConfig, record: dict[str, Any]) -> bool:
+    """Does the config ask a done run for an evaluation its record lacks (checks, AutoAttack,
+    or AutoAttack on another number of images)?"""
+    if cfg.eval_checks and "checks" not in record:
+        return True
+    if cfg.aa_n == 0:
+        return False
+    eval_n = int(record.get("eval_n") or 0)
+    wanted = eval_n if cfg.aa_n is None else min(cfg.aa_n, eval_n)
+    return (record.get("aa_acc") is None or record.get("aa_n") != wanted
+            or record.get("aa_version") != AA_VERSION)
+
+
+def reevaluate(cfg: RunConfig, directory: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate a done run again from its checkpoint.pt, training nothing, and update its record
+    (atomically). Only record.json and config.json's evaluation fields change; clean and PGD
+    numbers that come out different (a non-deterministic device) keep their old values in
+    `previous_eval`."""
+    if not (directory / "checkpoint.pt").is_file():
+        raise CheckpointError(f"{directory} is done but its record lacks the evaluation asked "
+                              "for (AutoAttack on aa_n images, checks) and it has no "
+                              "checkpoint.pt to evaluate: copy the checkpoint back, or set "
+                              "aa_n=0 and eval_checks=false to take the record as it is")
+    device = resolve_device(cfg.device)
+    test_x, test_y = load_arrays(cfg.dataset, cfg.data_root, train=False)
+    model = build_model(cfg, dataset_info(cfg.dataset))
+    load_weights(model, directory / "checkpoint.pt")
+    model.to(device)
+    t_eval = time.perf_counter()
+    final = final_evaluation(model, test_x.to(device), test_y.to(device), cfg, device)
+    previous = {k: record[k] for k in ("clean_acc", "pgd_acc") if record.get(k) != final[k]}
+    updated = {**record, **final, "eval_time_s": round(time.perf_counter() - t_eval, 3),
+               "reevaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "reevaluated_code": code_version(), "reevaluated_hardware": hardware()}
+    if previous:
+        updated["previous_eval"] = previous
+    config = results.read_json(directory / "config.json") or {}
+    results.atomic_write_json(directory / "config.json",
+                              {**config, **{k: getattr(cfg, k) for k in EVALUATION_FIELDS}})
+    results.atomic_write_json(directory / "record.json", updated)
+    return updated
 
 
 @dataclass

@@ -52,6 +52,7 @@ def tiny_config(tmp_path, *, method="natural", experiment="test", **overrides):
     values = dict(dataset="fashion-mnist", arch="cnn-small", model_args={"width": 4},
                   train_subset=192, batch_size=64, epochs=2, eps=0.1, eval_n=40,
                   eval_steps=3, monitor_n=20, monitor_steps=1, eval_batch=200,
+                  aa_n=0,  # AutoAttack is tested in test_evaluation.py; elsewhere it only costs
                   deterministic=True, results_dir=str(tmp_path))
     values.update(overrides)
     from paper_repro.methods import get_method

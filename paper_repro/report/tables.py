@@ -15,14 +15,24 @@ import pandas as pd
 from .. import results
 from ..config import controlled_name, load_experiment, unsupported_reason
 from ..errors import ReproError
+from ..evaluation import (AA_ATTACKS, AA_PACKAGE, LARGE_EPS_FACTOR, LARGE_EPS_MAX_ACC,
+                          ORDER_TOLERANCE_PP, PGD100_MARGIN_PP)
 
 REPO_PAPER_DIR = Path(__file__).resolve().parents[2] / "results" / "paper"
 COLUMNS = ["row", "method", "arch", "dataset", "scale", "n_seeds", "clean_acc", "clean_std",
-           "pgd_acc", "pgd_std", "train_minutes", "pretrain_minutes", "cost_pflop",
-           "pretrain_pflop", "eval_n", "status", "paper_arch", "paper_clean", "paper_pgd",
-           "paper_time", "paper_time_unit", "paper_minutes", "paper_source"]
-MEASURED = ["clean_acc", "pgd_acc", "train_minutes", "pretrain_minutes", "cost_pflop",
+           "pgd_acc", "pgd_std", "aa_acc", "aa_std", "train_minutes", "pretrain_minutes",
+           "cost_pflop", "pretrain_pflop", "eval_n", "aa_n", "checks", "status", "paper_arch",
+           "paper_clean", "paper_pgd", "paper_time", "paper_time_unit", "paper_minutes",
+           "paper_source"]
+MEASURED = ["clean_acc", "pgd_acc", "aa_acc", "train_minutes", "pretrain_minutes", "cost_pflop",
             "pretrain_pflop"]
+UNCHECKED = "unchecked"  # a run evaluated before the checks existed
+# What the Checks column means, with the thresholds (evaluation.py)
+CHECKS_NOTE = ("Checks (on the PGD images): clean ≥ FGSM ≥ PGD-20 ≥ AA (each with "
+               f"{ORDER_TOLERANCE_PP} pp slack), PGD-100 at most {PGD100_MARGIN_PP} pp below "
+               f"PGD-20, accuracy ≤ {LARGE_EPS_MAX_ACC:g}% under PGD-20 at {LARGE_EPS_FACTOR:g}ε, "
+               "no AutoAttack warning; † marks a row that failed one (named in Checks), "
+               "\"unchecked\" one evaluated before the checks existed. ")
 
 
 def _paper_numbers(exp_paper_csv: str | None, results_dir: str | Path) -> pd.DataFrame:
@@ -81,9 +91,13 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
             for col in MEASURED:
                 mean, std = _stats(done[col]) if col in done else (math.nan, math.nan)
                 line[col] = mean
-                if col in ("clean_acc", "pgd_acc"):
+                if col in ("clean_acc", "pgd_acc", "aa_acc"):
                     line[col.replace("_acc", "_std")] = std
+            if "aa_acc" in done and done["aa_acc"].isna().any():
+                line["aa_acc"] = line["aa_std"] = math.nan  # never a mean over some seeds only
             line["eval_n"] = int(done["eval_n"].iloc[0])
+            line["aa_n"] = _joined(done.get("aa_n"))
+            line["checks"] = cell_checks(done.get("checks"))
             line["status"] = "done"
         else:
             failed = mine[mine["status"] == results.STATUS_FAILED] if not mine.empty else mine
@@ -103,6 +117,21 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
         lines.append(line)
     diffs = ["diff_clean", "diff_pgd"] if scale == "paper" else []
     return pd.DataFrame(lines).reindex(columns=COLUMNS + diffs)  # every column, always
+
+
+def cell_checks(values: pd.Series | None) -> str:
+    """One cell's checks over its seeds: "ok", the failed checks' names, or "unchecked"."""
+    if values is None or values.isna().any():
+        return UNCHECKED
+    failed = sorted({name for v in values if v != "ok" for name in str(v).split(",")})
+    return ",".join(failed) or "ok"
+
+
+def _joined(values: pd.Series | None) -> str:
+    """The distinct values of a per-seed count, e.g. "500" or "500/1000" ("" when absent)."""
+    if values is None:
+        return ""
+    return "/".join(str(int(v)) for v in sorted(set(pd.to_numeric(values).dropna())))
 
 
 def _pm(mean: Any, std: Any, digits: int = 2) -> str:
@@ -134,6 +163,7 @@ def display_frame(df: pd.DataFrame, time_unit: str = "min") -> pd.DataFrame:
         "Method": df["method"], "Arch": df["arch"].fillna(""),
         "Clean": [_pm(m, s) for m, s in zip(df["clean_acc"], df["clean_std"])],
         "PGD": [_pm(m, s) for m, s in zip(df["pgd_acc"], df["pgd_std"])],
+        "AA": [_pm(m, s) for m, s in zip(df["aa_acc"], df["aa_std"])],
         f"Time ({unit})": (df["train_minutes"] / per).map(lambda v: _num(v, digits)),
         f"Pre-train ({unit})": (df["pretrain_minutes"] / per).map(lambda v: _num(v, digits)),
         "Cost (PFLOP)": df["cost_pflop"].map(_sci),
@@ -143,11 +173,14 @@ def display_frame(df: pd.DataFrame, time_unit: str = "min") -> pd.DataFrame:
         "Paper PGD": df["paper_pgd"].map(_num),
         "Paper time": [f"{_num(v, 0)} {u}" if _num(v, 0) else "" for v, u in
                        zip(df["paper_time"], df["paper_time_unit"])],
+        "Checks": df["checks"].fillna(""),
         "Status": df["status"],
     })
+    failed = ~df["checks"].fillna("").isin(["", "ok", UNCHECKED])
+    out.loc[failed, "Method"] = out.loc[failed, "Method"] + " †"  # never shown silently
     if "diff_clean" in df:
-        out.insert(11, "Δ clean", df["diff_clean"].map(_num))
-        out.insert(12, "Δ PGD", df["diff_pgd"].map(_num))
+        out.insert(12, "Δ clean", df["diff_clean"].map(_num))
+        out.insert(13, "Δ PGD", df["diff_pgd"].map(_num))
     return out
 
 
@@ -155,8 +188,12 @@ def footnote(name: str, scale: str, df: pd.DataFrame, controlled_arch: str | Non
     exp = load_experiment(name)
     n = sorted({int(v) for v in df.get("eval_n", pd.Series(dtype=float)).dropna()})
     n_text = "/".join(str(v) for v in n) or "?"
+    aa = sorted({v for v in df.get("aa_n", pd.Series(dtype=object)).dropna() if v})
+    aa_text = (f"AA: standard AutoAttack ({AA_PACKAGE}: {AA_ATTACKS}) on {'/'.join(aa)} of "
+               "those images. " if aa else "AA: not run. ")
     text = (f"Protocol: clean accuracy on the full test set; PGD-20 with α = ε/4, one random "
-            f"start, eval-mode model, fp32, on {n_text} fixed test images. Time: the row's own "
+            f"start, eval-mode model, fp32, on {n_text} fixed test images. {aa_text}"
+            f"{CHECKS_NOTE}Time: the row's own "
             "training (AFT: fine-tuning only; its natural pre-training is the Pre-train column). "
             "Cost: training FLOPs counted with torch.utils.flop_counter. "
             f"Scale: {scale}. ")
