@@ -49,7 +49,8 @@ import torch.nn as nn
 
 from .errors import ConfigError, ReproError
 
-TIMEOUT_ENV = "REPRO_DIST_TIMEOUT_MIN"  # minutes a rank waits in a collective (rank 0 evaluates alone)
+# minutes a rank may wait in a collective (the others wait while rank 0 evaluates alone)
+TIMEOUT_ENV = "REPRO_DIST_TIMEOUT_MIN"
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ def init_from_environment(device: torch.device) -> World:
                      int(os.environ.get("LOCAL_RANK", dist.get_rank())))
     if not _from_submitit() and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return World()
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+               if k not in os.environ]
     if missing:
         raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} "
                           "not set (launch with torchrun, or as a submitit job with N tasks)")

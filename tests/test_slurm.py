@@ -290,7 +290,8 @@ def test_tasks_and_gpus_that_disagree_are_a_one_line_error(tmp_path):
     done = subprocess.run([sys.executable, "-m", "paper_repro", "sweep", "table1", "--scale",
                            "smoke", "--slurm", "--gpus-per-job", "2", "--tasks-per-node", "3",
                            "--results-dir", str(tmp_path)], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"})
+                          text=True,
+                          env={**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"})
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
     assert "data-parallel jobs run one task per GPU" in done.stderr
     assert not (tmp_path / "runs").exists()
