@@ -169,7 +169,9 @@ class ATTA(Method):
             (loss / b if s.loss_scale == "reference" else loss).backward()
             ctx.step()
             meter.update(logits, y, loss)
-            self.adv[index] = inverse_augment(stored, x_adv, offsets, flips)
+            # data parallel: every rank stores the whole global batch (ctx.gather), so the
+            # next epoch finds each image's state whichever rank gets it
+            self.adv[ctx.gather(index)] = ctx.gather(inverse_augment(stored, x_adv, offsets, flips))
             if ctx.done:
                 break
         return meter.result()

@@ -80,8 +80,8 @@ class FastAT(Method):
         first_batch = None
         model.train()  # FGSM and update both in train mode, as the reference
         for batch in ctx.loader:
-            if first_batch is None:
-                first_batch = (batch.x, batch.y)
+            if first_batch is None:  # the whole global batch (every rank checks the same)
+                first_batch = (ctx.gather(batch.x), ctx.gather(batch.y))
             x_adv = fgsm_rs(model, batch.x, batch.y, eps=ctx.eps, alpha=alpha)
             logits = model(x_adv)
             loss = F.cross_entropy(logits, batch.y)

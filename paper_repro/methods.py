@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
@@ -88,6 +88,10 @@ class Context:
     global_step: int = 0
     lr_log: list[float] = dataclasses.field(default_factory=list)  # the LR of every step taken
     stop_reason: str | None = None  # set by `request_stop`: the runner ends training after this epoch
+    # data parallel (paper_repro.distributed): the loader yields this rank's slice of each batch;
+    # the runner sets these two so that a method never talks to the other ranks itself
+    average_gradients: Callable[[list[torch.optim.Optimizer]], None] | None = None
+    gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # the global batch's tensor
 
     @property
     def eps(self) -> float:
@@ -117,6 +121,8 @@ class Context:
         lr = self.schedule.lr(t)
         self.lr_log.append(lr)
         momentum = self.schedule.momentum(t) if self.schedule.momentum else None
+        if self.average_gradients is not None:  # all ranks step on the global batch's gradient
+            self.average_gradients(optimizers or self.optimizers)
         for opt in optimizers or self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)

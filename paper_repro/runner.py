@@ -24,6 +24,7 @@ from tqdm import tqdm
 from . import results
 from .config import EVALUATION_FIELDS, RunConfig, build_config
 from .data import Augment, ArrayLoader, DatasetInfo, dataset_info, load_arrays, load_ti500k
+from .distributed import DataParallel, init_from_environment
 from .errors import CheckpointError, ConfigError, ReproError
 from .evaluation import AA_VERSION, clean_accuracy, evaluate, fixed_subset, pgd_accuracy
 from .methods import Context, Method, get_method
@@ -57,9 +58,10 @@ def set_determinism(cfg: RunConfig) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def seed_epoch(cfg: RunConfig, epoch: int) -> None:
-    """Every source of randomness of epoch e is a function of (seed, e): resume is exact."""
-    s = cfg.seed * 100_003 + epoch
+def seed_epoch(cfg: RunConfig, epoch: int, rank: int = 0) -> None:
+    """Every source of randomness of epoch e is a function of (seed, e): resume is exact.
+    Data-parallel ranks > 0 draw their own streams (attack starts differ per slice)."""
+    s = cfg.seed * 100_003 + epoch + rank * 1_000_000_007
     torch.manual_seed(s)
     random.seed(s)
 
@@ -245,15 +247,23 @@ def _check_existing(directory: Path, cfg: RunConfig) -> None:
 
 def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
           quiet: bool = False) -> dict[str, Any]:
-    """Train and evaluate one run; returns its record. A run already done is not re-run."""
+    """Train and evaluate one run; returns its record. A run already done is not re-run.
+
+    With N processes (paper_repro.distributed) every rank trains on its slice of each batch;
+    rank 0 alone writes files and evaluates, the others return a short summary."""
     run_path = run_path or cfg.run_path
     directory = results.run_dir(cfg.results_dir, run_path)
     _check_existing(directory, cfg)
+    world = init_from_environment(resolve_device(cfg.device))
+    parallel = DataParallel(world, world.device(resolve_device(cfg.device)))
     record = results.read_record(directory)
-    if record and record.get("status") == results.STATUS_DONE:
+    if parallel.from_main(bool(record and record.get("status") == results.STATUS_DONE)):
+        if not world.is_main:
+            return {"rank": world.rank, "status": results.STATUS_DONE}
         if missing_evaluation(cfg, record):
-            return reevaluate(cfg, directory, record)
+            return reevaluate(cfg, directory, record)  # rank 0 alone evaluates
         return record
+    quiet = quiet or not world.is_main
     checkpoint_path = directory / "checkpoint.pt"
     if resume and not checkpoint_path.is_file():
         raise ReproError(f"--resume: nothing to resume in {directory} (no checkpoint.pt)")
@@ -266,7 +276,7 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
                           "run:<run-path>) or pretrain")
     method: Method = method_cls(cfg)
     set_determinism(cfg)
-    device = resolve_device(cfg.device)
+    device = parallel.device
 
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -276,9 +286,11 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
         raise ReproError(f"results folder {directory} is not writable")
     base_record = {"run_path": run_path, "config_hash": cfg.config_hash(),
                    "cell_hash": cfg.cell_hash(), "method": cfg.method,
-                   "hardware": hardware(), "code": code_version()}
-    results.atomic_write_json(directory / "config.json",
-                              {**cfg.to_dict(), "config_hash": cfg.config_hash()})
+                   "hardware": {**hardware(), "processes": world.world_size},
+                   "code": code_version()}
+    if world.is_main:
+        results.atomic_write_json(directory / "config.json",
+                                  {**cfg.to_dict(), "config_hash": cfg.config_hash()})
 
     data = load_data(cfg)
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
@@ -296,6 +308,7 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
                                          flip=cfg.augment_flip),
                          drop_last=cfg.drop_last and len(data.train_y) >= cfg.batch_size,
                          device=device, seed=cfg.seed)
+    loader = parallel.shard(loader)  # this rank's slice of every global batch
     steps_per_epoch = method.optimizer_steps_per_epoch(len(loader))
     schedule = make_schedule(cfg.schedule, base_lr=cfg.lr, epochs=cfg.epochs,
                              **cfg.schedule_args)
@@ -310,9 +323,11 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
              "metrics": [], "lr_log": []}
     if checkpoint_path.is_file():
         state = _restore(checkpoint_path, cfg, model, optimizers, method, device)
-    results.atomic_write_json(directory / "record.json",
-                              {**base_record, "status": results.STATUS_RUNNING,
-                               "epochs_done": state["epoch"]})
+    parallel.broadcast_model(model)
+    if world.is_main:
+        results.atomic_write_json(directory / "record.json",
+                                  {**base_record, "status": results.STATUS_RUNNING,
+                                   "epochs_done": state["epoch"]})
 
     total_steps = cfg.epochs * len(loader)
     bar = tqdm(total=total_steps, initial=state["epoch"] * len(loader), unit="batch",
@@ -320,34 +335,41 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
     ctx = Context(model=model, optimizers=optimizers, schedule=schedule,
                   loader=_Progress(loader, bar), cfg=cfg, device=device, epoch=state["epoch"],
                   steps_per_epoch=steps_per_epoch, global_step=state["global_step"],
-                  lr_log=state["lr_log"])
+                  lr_log=state["lr_log"],
+                  average_gradients=parallel.average_gradients if parallel.active else None,
+                  gather=parallel.gather)
     for epoch in range(state["epoch"], cfg.epochs):
         if ctx.done or state.get("stop_reason"):
             break
         ctx.epoch = epoch
-        seed_epoch(cfg, epoch)
+        seed_epoch(cfg, epoch, world.rank)
         loader.set_epoch(epoch)
         lr_start = ctx.current_lr()
         t0 = time.perf_counter()
         if state["flops_per_epoch"] is None:  # count one epoch on the real code path
             with TotalFlopCounter() as counter:
                 stats = method.train_epoch(ctx)
-            state["flops_per_epoch"] = int(counter.get_total_flops())
+            state["flops_per_epoch"] = parallel.total(int(counter.get_total_flops()))
         else:
             stats = method.train_epoch(ctx)
         if device.type == "cuda":
             torch.cuda.synchronize()
         state["train_time_s"] += time.perf_counter() - t0
+        stats = parallel.mean(stats)
         if not all(torch.isfinite(torch.tensor(v)) for v in stats.values()):
-            _fail(directory, base_record, epoch, f"non-finite training metrics {stats}")
+            if world.is_main:
+                _fail(directory, base_record, epoch, f"non-finite training metrics {stats}")
             raise TrainingDiverged(f"{run_path}: training diverged at epoch {epoch + 1} "
                                    f"(loss {stats.get('train_loss')}); last good checkpoint kept")
+        ctx.stop_reason = parallel.end_epoch(model, ctx.stop_reason)
+        state.update(epoch=epoch + 1, global_step=ctx.global_step,
+                     stop_reason=ctx.stop_reason)
+        if not world.is_main:  # rank 0 monitors and writes; the others train on
+            continue
         row = {"epoch": epoch + 1, "lr": lr_start, "step": ctx.global_step, **stats,
                **_monitor(model, monitor, cfg, device),
                "train_time_s": round(state["train_time_s"], 3)}
         state["metrics"].append(row)
-        state.update(epoch=epoch + 1, global_step=ctx.global_step,
-                     stop_reason=ctx.stop_reason)
         _save_checkpoint(checkpoint_path, cfg, model, optimizers, method, state)
         results.write_metrics(directory / "metrics.csv", state["metrics"])
         results.write_metrics(directory / "lr.csv",
@@ -355,6 +377,10 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
         if not quiet:
             tqdm.write(_epoch_line(run_path, row, cfg.epochs))
     bar.close()
+    if not world.is_main:  # back once rank 0 has written the checkpoint and the record
+        parallel.barrier()
+        return {"rank": world.rank, "status": results.STATUS_DONE, "epochs_done": state["epoch"],
+                "steps_done": state["global_step"]}
 
     t_eval = time.perf_counter()
     final = final_evaluation(model, test_x, test_y, cfg, device)
@@ -378,6 +404,7 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     results.atomic_write_json(directory / "record.json", record)
+    parallel.barrier()
     return record
 
 

@@ -58,7 +58,8 @@ class ExecutorOptions:
     """
 
     partition: str | None = None
-    gpus_per_job: int | None = None
+    gpus_per_job: int | None = None         # N GPUs: N tasks (one per GPU) training data-parallel
+    tasks_per_node: int | None = None       # data-parallel processes per job; default one per GPU
     cpus_per_task: int | None = None
     mem_gb: float | None = None
     time: str = "24:00:00"                  # HH:MM:SS, D-HH:MM:SS or minutes
@@ -71,6 +72,12 @@ class ExecutorOptions:
 
     def timeout_min(self) -> int:
         return parse_time(self.time)
+
+    def tasks(self) -> int:
+        """Processes per job: --tasks-per-node, else one per GPU, else one (CPU)."""
+        if self.tasks_per_node is not None:
+            return self.tasks_per_node
+        return max(self.gpus_per_job or 1, 1)
 
 
 def parse_time(text: str) -> int:
@@ -104,14 +111,21 @@ def _make_train_job_class() -> type:
         same call, and `train` picks the run up from its last epoch checkpoint."""
 
         def __call__(self, cfg: RunConfig, run_path: str | None = None) -> dict[str, Any]:
+            """With N tasks every task runs this: `train` joins them into one data-parallel
+            run (paper_repro.distributed); rank 0 checkpoints, and after a requeue every rank
+            resumes from rank 0's checkpoint."""
             import torch
 
+            from paper_repro.distributed import shutdown
             from paper_repro.runner import train
 
             cpus = os.environ.get("SLURM_CPUS_PER_TASK")
             if cpus:  # use what was allocated, not every core of a shared node
                 torch.set_num_threads(int(cpus))
-            return train(cfg, run_path=run_path)
+            try:
+                return train(cfg, run_path=run_path)
+            finally:
+                shutdown()
 
     TrainJob.__module__ = __name__
     TrainJob.__qualname__ = "TrainJob"
@@ -255,8 +269,12 @@ def _executor(options: ExecutorOptions, folder: Path, name: str, after: Sequence
     extra = {k.lstrip("-").replace("-", "_"): v for k, v in options.sbatch_args.items()}
     if after:
         extra["dependency"] = "afterok:" + ":".join(after)
+    tasks = options.tasks()
     params = dict(name=name, timeout_min=options.timeout_min(), mem_gb=options.mem_gb,
                   cpus_per_task=options.cpus_per_task, gpus_per_node=options.gpus_per_job,
+                  tasks_per_node=tasks if tasks > 1 else None,
+                  # a rank that fails ends the job, instead of the others waiting on it
+                  slurm_srun_args=["--kill-on-bad-exit=1"] if tasks > 1 else None,
                   slurm_partition=options.partition, slurm_account=options.account,
                   slurm_qos=options.qos, slurm_array_parallelism=options.array_parallelism,
                   slurm_additional_parameters=extra or None)
@@ -427,7 +445,10 @@ def format_status(rows: Sequence[dict[str, Any]]) -> str:
 
 _FLAGS: list[tuple[str, str, Any, str, str]] = [
     ("--partition", "partition", str, "P", "SLURM partition"),
-    ("--gpus-per-job", "gpus_per_job", int, "N", "GPUs per job (--gpus-per-node)"),
+    ("--gpus-per-job", "gpus_per_job", int, "N", "GPUs per job (--gpus-per-node); N > 1 "
+                                                 "trains data-parallel, one task per GPU"),
+    ("--tasks-per-node", "tasks_per_node", int, "N", "data-parallel processes per job (default: "
+                                                     "one per GPU; e.g. 2 on CPUs, gloo)"),
     ("--cpus-per-task", "cpus_per_task", int, "C", "CPU cores per job (also torch's threads)"),
     ("--mem", "mem", float, "GB", "memory per job in GB"),
     ("--time", "time", str, "HH:MM:SS", "wall-time limit per job (default 24:00:00); a job "
@@ -471,13 +492,18 @@ def options_from_args(args: argparse.Namespace) -> ExecutorOptions | None:
             raise ReproError(f"--sbatch-arg expects KEY=VALUE, got '{text}'")
         extra[key.strip().lstrip("-")] = value if sep else True
     for flag, value, least in (("--gpus-per-job", args.gpus_per_job, 0),
+                               ("--tasks-per-node", args.tasks_per_node, 1),
                                ("--cpus-per-task", args.cpus_per_task, 1),
                                ("--array-parallelism", args.array_parallelism, 1)):
         if value is not None and value < least:
             raise ReproError(f"{flag} must be >= {least}")
     if args.mem is not None and args.mem <= 0:
         raise ReproError("--mem must be > 0 (GB)")
+    if args.gpus_per_job and args.tasks_per_node and args.tasks_per_node != args.gpus_per_job:
+        raise ReproError(f"--tasks-per-node {args.tasks_per_node} with --gpus-per-job "
+                         f"{args.gpus_per_job}: data-parallel jobs run one task per GPU")
     options = ExecutorOptions(partition=args.partition, gpus_per_job=args.gpus_per_job,
+                              tasks_per_node=args.tasks_per_node,
                               cpus_per_task=args.cpus_per_task, mem_gb=args.mem,
                               time=args.time or "24:00:00", account=args.account, qos=args.qos,
                               array_parallelism=args.array_parallelism, sbatch_args=extra)
