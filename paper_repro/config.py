@@ -77,6 +77,10 @@ class RunConfig:
     eval_batch: int = 500
     monitor_n: int = 500                 # per-epoch PGD on this many fixed test and train images
     monitor_steps: int = 10
+    # speed (fastpath.py): the same algorithm, faster; in the hash only when set
+    precision: str = "auto"              # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
+    channels_last: bool | None = None    # None: on with CUDA
+    compile: bool = False                # torch.compile the model (`--compile`)
     # execution (not part of the hash)
     device: str = "auto"
     deterministic: bool = False
@@ -115,7 +119,7 @@ class RunConfig:
 
 _EXECUTION_FIELDS = frozenset({"device", "results_dir", "data_root"})
 # Every field added to RunConfig from now on goes here (see config_hash).
-HASH_STABLE_FIELDS: frozenset[str] = frozenset()
+HASH_STABLE_FIELDS: frozenset[str] = frozenset({"precision", "channels_last", "compile"})
 _FIELD_TYPES = typing.get_type_hints(RunConfig)
 _DICT_FIELDS = frozenset(k for k, t in _FIELD_TYPES.items()
                          if t is dict or dict in typing.get_args(t))
@@ -128,6 +132,7 @@ _CHOICES = {
     "wd_scope": ("all", "weights", "no_bn"),
     "augment_pad_mode": ("zeros", "reflect", "constant"),
     "extra_data": (None, "pseudo-label", "ti500k"),
+    "precision": ("auto", "fp32", "bf16"),
 }
 
 
