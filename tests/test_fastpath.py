@@ -56,7 +56,7 @@ def test_attack_pass_leaves_every_parameter_gradient_untouched(attack, precision
     for i, p in enumerate(params):  # half hold a gradient already, half have none
         p.grad = torch.randn_like(p) if i % 2 == 0 else None
     before = [None if p.grad is None else p.grad.clone() for p in params]
-    x, y = _batch()
+    x, y = _batch(128)  # = the hidden Linear's 128 outputs: its input gradient has its weight's shape
     with fastpath.autocast(cfg, torch.device("cpu")), bench.WeightGradProbe(model) as probe:
         x_adv = ATTACKS[attack](model, x, y)
     for p, b in zip(params, before):
