@@ -155,8 +155,9 @@ class ATTA(Method):
         alpha = s.alpha(ctx.eps)
         for batch in ctx.loader:
             index, y, b = batch.index, batch.y, len(batch.index)
-            offsets = torch.randint(0, 2 * s.pad + 1, (b, 2)).to(device)
-            flips = (torch.rand(b) < 0.5).to(device)
+            # drawn on the device: a host-to-device copy per batch would be a host sync
+            offsets = torch.randint(0, 2 * s.pad + 1, (b, 2), device=device)
+            flips = torch.rand(b, device=device) < 0.5
             stored = self.adv[index]
             x_nat = augment(pad_images(images[index], s.pad, s.pad_value), offsets, flips, size)
             x_start = augment(stored, offsets, flips, size)  # continue from the stored image

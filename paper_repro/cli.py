@@ -1,4 +1,4 @@
-"""`python -m paper_repro`: run, finetune, sweep, table, aggregate, status.
+"""`python -m paper_repro`: run, finetune, sweep, table, aggregate, status, bench.
 
 Every user error (bad flag value, missing data, unsafe checkpoint...) ends as one line on
 stderr and exit status 2; nothing already in the results store is overwritten.
@@ -28,6 +28,7 @@ _OVERRIDE_FLAGS: list[tuple[str, str, Any, str]] = [
      "timm:<name>[:<file>], run:<run-path> or a checkpoint file"),
     ("--max-steps", "max_steps", int, "stop after N optimiser steps"),
     ("--device", "device", str, "auto, cpu, cuda, cuda:1"),
+    ("--precision", "precision", str, "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16"),
     ("--results-dir", "results_dir", str, "results store (default results)"),
 ]
 
@@ -38,6 +39,7 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, type=typ, default=None, help=help_)
     g.add_argument("--deterministic", action="store_true", default=None,
                    help="bit-reproducible mode (resume gives identical results)")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. --set schedule_args.peak_at=0.2 (repeatable)")
 
@@ -50,8 +52,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
         if value is not None and key != "method":
             out[key] = value
-    if getattr(args, "deterministic", None):
-        out["deterministic"] = True
+    for flag in ("deterministic", "compile"):
+        if getattr(args, flag, None):
+            out[flag] = True
     for text in args.set:
         key, value = parse_override(text)
         out = _deep_merge(out, {key: value})
@@ -272,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", choices=["smoke", "cpu", "paper"], default=None)
     p.add_argument("--results-dir", default=None)
     p.set_defaults(func=cmd_aggregate)
+
+    from . import bench
+    p = sub.add_parser("bench", help="images/s, FLOPs and MFU of one method's training step")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.main)
     return parser
 
 

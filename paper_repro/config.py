@@ -81,6 +81,10 @@ class RunConfig:
     # evaluation protocol (EVALUATION_FIELDS: never in the hash; the record says what was measured)
     aa_n: int | None = None              # AutoAttack on this many PGD images (None: all, 0: off)
     eval_checks: bool = True             # gradient-masking sanity checks (evaluation.py)
+    # speed (fastpath.py): the same algorithm, faster; in the hash only when set
+    precision: str = "auto"              # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
+    channels_last: bool | None = None    # None: on with CUDA
+    compile: bool = False                # torch.compile the model (`--compile`)
     # execution (not part of the hash)
     device: str = "auto"
     deterministic: bool = False
@@ -119,7 +123,8 @@ class RunConfig:
 
 _EXECUTION_FIELDS = frozenset({"device", "results_dir", "data_root"})
 # Every field added to RunConfig from now on goes here (see config_hash).
-HASH_STABLE_FIELDS: frozenset[str] = frozenset({"train_eps"})
+HASH_STABLE_FIELDS: frozenset[str] = frozenset({"train_eps", "precision", "channels_last",
+                                               "compile"})
 # How a trained model is measured, not what is trained: never hashed, so asking a done run for
 # more evaluation (AutoAttack, checks) re-evaluates its checkpoint instead of orphaning it; the
 # record stores the protocol it was measured with. (Also listed as hash-stable, trivially.)
@@ -137,6 +142,7 @@ _CHOICES = {
     "wd_scope": ("all", "weights", "no_bn"),
     "augment_pad_mode": ("zeros", "reflect", "constant"),
     "extra_data": (None, "pseudo-label", "ti500k"),
+    "precision": ("auto", "fp32", "bf16"),
 }
 
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 from .flops import TotalFlopCounter
 from tqdm import tqdm
 
-from . import results
+from . import fastpath, results
 from .config import EVALUATION_FIELDS, RunConfig, build_config
 from .data import Augment, ArrayLoader, DatasetInfo, dataset_info, load_arrays, load_ti500k
 from .distributed import DataParallel, init_from_environment
@@ -165,7 +165,8 @@ def pretrain_config(cfg: RunConfig) -> RunConfig:
         "dataset", "data_root", "train_subset", "arch", "model_args", "seed", "device",
         "deterministic",
         "results_dir", "eval_steps", "eval_alpha", "eval_n", "eval_batch", "monitor_n",
-        "monitor_steps", "eps", "augment_pad", "augment_flip", "max_steps")}
+        "monitor_steps", "eps", "augment_pad", "augment_flip", "max_steps",
+        "precision", "channels_last", "compile")}
     child = build_config(("natural recipe", recipe), ("AFT row", inherited),
                          ("no AutoAttack on a pre-training", {"aa_n": 0}),
                          ("pretrain", cfg.pretrain or {}), experiment="pretrain", row="pretrain",
@@ -287,7 +288,7 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
     base_record = {"run_path": run_path, "config_hash": cfg.config_hash(),
                    "cell_hash": cfg.cell_hash(), "method": cfg.method,
                    "hardware": {**hardware(), "processes": world.world_size},
-                   "code": code_version()}
+                   "code": code_version(), **fastpath.describe(cfg, device)}
     if world.is_main:
         results.atomic_write_json(directory / "config.json",
                                   {**cfg.to_dict(), "config_hash": cfg.config_hash()})
@@ -301,6 +302,7 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
     pretrain_record = results.read_record(Path(init_source)) if init_source and \
         Path(init_source).is_dir() else None
     model.to(device)
+    fastpath.prepare_model(model, cfg, device)
     optimizers = method.make_optimizers(model)
     loader = ArrayLoader(data.train_x, data.train_y, batch_size=cfg.batch_size, shuffle=True,
                          augment=Augment(pad=cfg.augment_pad, pad_mode=cfg.augment_pad_mode,
@@ -346,14 +348,14 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
         loader.set_epoch(epoch)
         lr_start = ctx.current_lr()
         t0 = time.perf_counter()
-        if state["flops_per_epoch"] is None:  # count one epoch on the real code path
-            with TotalFlopCounter() as counter:
+        with fastpath.autocast(cfg, device):  # bf16 on the GPU; evaluation stays fp32
+            if state["flops_per_epoch"] is None:  # count one epoch on the real code path
+                with TotalFlopCounter() as counter, fastpath.eager(cfg):
+                    stats = method.train_epoch(ctx)
+                state["flops_per_epoch"] = parallel.total(int(counter.get_total_flops()))
+            else:
                 stats = method.train_epoch(ctx)
-            state["flops_per_epoch"] = parallel.total(int(counter.get_total_flops()))
-        else:
-            stats = method.train_epoch(ctx)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        fastpath.synchronize(device)
         state["train_time_s"] += time.perf_counter() - t0
         stats = parallel.mean(stats)
         if not all(torch.isfinite(torch.tensor(v)) for v in stats.values()):

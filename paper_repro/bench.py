@@ -1,0 +1,527 @@
+"""`python -m paper_repro bench`: throughput, FLOPs and MFU of one method's training step.
+
+    python -m paper_repro bench --method pgd_at --arch wrn-28-10 --batch 128 [--compile]
+    python -m paper_repro bench --all            # the issue's grid, on a GPU
+
+What it does, on synthetic data of the dataset's shape (uint8 noise, random labels, the
+method's own augmentation on the device):
+1. FLOPs per image: `torch.utils.flop_counter` over one real training step of the method, the
+   attack included (`flops.TotalFlopCounter`). These are the FLOPs the step really launches; our
+   attacks skip weight gradients, so they equal the useful FLOPs of performance.md §3.
+2. Weight-gradient probe: one more step with every attack-only pass (`attacks._input_gradient`,
+   YOPO's `layer_one_steps`) watched by a dispatch mode that flags any op computing a parameter
+   gradient (a `*_backward` op whose `output_mask` asks for weight or bias, or a backward matmul
+   of a Linear weight's shape), and by a before/after check of every parameter's `.grad`.
+3. `--warmup` steps (cuDNN autotuning, compilation), then `--steps` timed steps (one epoch over
+   the synthetic set) between device synchronisations.
+4. With `--baseline-loop` (pgd_at, aft): the same PGD-k AT step with the attack written as the
+   reference repos write it (`loss.backward()` with the parameters requiring grad, so every
+   attack iteration also computes and accumulates weight gradients), timed the same way.
+MFU = achieved FLOP/s ÷ the device's bf16 dense datasheet peak, and ÷ a measured GEMM peak
+(a large matmul in the run's compute dtype). One entry per (method, arch, batch, compile,
+precision, dataset) is merged into results/bench/<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import attacks, fastpath, results
+from .attacks import LinfThreat
+from .config import RunConfig, build_config
+from .data import Augment, ArrayLoader, dataset_info
+from .errors import ConfigError
+from .flops import TotalFlopCounter
+from .methods import Context, Meter, Method, get_method
+from .schedules import make_schedule
+
+GRID_ARCHS = ("preact-resnet18", "wrn-28-10", "wrn-34-10")
+GRID_METHODS = ("natural", "pgd_at", "fast_at", "free_at", "yopo", "atta")
+GRID_BATCHES = (128, 512)
+BASELINE_METHODS = ("pgd_at", "aft")  # methods whose step is `pgd_at.adversarial_epoch`
+TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "fashion-mnist": 60_000,
+                "imagenet": 1_281_167, "ti500k": 500_000}
+
+# bf16 dense tensor-core peaks, TFLOP/s (performance.md §1; datasheets print 2:4-sparse figures)
+DATASHEET_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    (r"H200", 989.4), (r"H100.*PCIe", 756.0), (r"H100", 989.4), (r"A100", 312.0))
+
+
+# --- the configuration and the pieces of a training step ------------------------------------
+
+def bench_config(method: str, arch: str, batch: int, *, dataset: str = "cifar10",
+                 device: str = "auto", precision: str = "auto",
+                 channels_last: bool | None = None, compile: bool = False,
+                 model_args: dict | None = None) -> RunConfig:
+    """The method's reference recipe on `arch` at batch `batch` (fast-path settings as given)."""
+    recipe = get_method(method).recipe
+    values = dict(dataset=dataset, arch=arch, batch_size=batch, drop_last=True, device=device,
+                  precision=precision, channels_last=channels_last, compile=compile,
+                  model_args=model_args or {})
+    return build_config(("method recipe", recipe), ("bench", values), experiment="bench",
+                        row=method, scale="paper", seed=0, method=method)
+
+
+@dataclasses.dataclass
+class Bench:
+    """A method, its model, optimisers and schedule, and a synthetic training set on the device."""
+
+    cfg: RunConfig
+    device: torch.device
+    method: Method
+    model: nn.Module
+    optimizers: list[torch.optim.Optimizer]
+    loader: ArrayLoader
+    replays: int  # optimiser steps per minibatch (Free AT: m)
+    global_step: int = 0
+    epoch: int = 0
+
+    def context(self, max_batches: int | None = None) -> Context:
+        """A Context for one pass over at most `max_batches` minibatches."""
+        cfg = self.cfg if max_batches is None else \
+            dataclasses.replace(self.cfg, max_steps=self.global_step + max_batches * self.replays)
+        schedule = make_schedule(cfg.schedule, base_lr=cfg.lr, epochs=cfg.epochs,
+                                 **cfg.schedule_args)
+        return Context(model=self.model, optimizers=self.optimizers, schedule=schedule,
+                       loader=self.loader, cfg=cfg, device=self.device, epoch=self.epoch,
+                       steps_per_epoch=len(self.loader) * self.replays,
+                       global_step=self.global_step)
+
+    def run(self, epoch_fn: Callable[[Context], dict[str, float]],
+            max_batches: int | None = None) -> dict[str, float]:
+        """One (possibly partial) epoch of `epoch_fn` under the fast path's autocast."""
+        ctx = self.context(max_batches)
+        with fastpath.autocast(self.cfg, self.device):
+            stats = epoch_fn(ctx)
+        self.global_step, self.epoch = ctx.global_step, self.epoch + 1
+        return stats
+
+
+def make_bench(cfg: RunConfig, steps: int, seed: int = 0) -> Bench:
+    """Model, method and `steps` minibatches of synthetic data of the dataset's shape."""
+    from .runner import build_model, resolve_device, set_determinism
+
+    device = resolve_device(cfg.device)
+    set_determinism(cfg)  # cuDNN autotuning on (the default for non-deterministic runs)
+    info = dataset_info(cfg.dataset)
+    g = torch.Generator().manual_seed(seed)
+    n = cfg.batch_size * steps
+    images = torch.randint(0, 256, (n, info.channels, info.size, info.size), generator=g,
+                           dtype=torch.uint8)
+    labels = torch.randint(0, info.num_classes, (n,), generator=g)
+    loader = ArrayLoader(images, labels, batch_size=cfg.batch_size, shuffle=True,
+                         augment=Augment(pad=cfg.augment_pad, pad_mode=cfg.augment_pad_mode,
+                                         pad_value=cfg.augment_pad_value, flip=cfg.augment_flip),
+                         drop_last=True, device=device, seed=seed)
+    torch.manual_seed(seed)
+    method = get_method(cfg.method)(cfg)
+    model = build_model(cfg, info).to(device)
+    optimizers = method.make_optimizers(model)
+    return Bench(cfg, device, method, model, optimizers, loader,
+                 replays=method.optimizer_steps_per_epoch(1))
+
+
+# --- the reference repos' PGD-k AT step (the --baseline-loop) -------------------------------
+
+def reference_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+                  alpha: float, steps: int, random_start: bool = True) -> torch.Tensor:
+    """PGD-k as locuslab/fast_adversarial and Bag-of-Tricks `attack_pgd` compute it: a mean CE
+    and `loss.backward()` with the parameters requiring grad, so each iteration also computes
+    (and accumulates into `.grad`) every weight gradient. Same update order and projection as
+    `attacks.pgd`, so both give the same adversarial examples; only the gradient call differs.
+    """
+    threat = LinfThreat(eps)
+    x = x.detach()
+    delta = threat.random_start(x) if random_start else torch.zeros_like(x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model(x + delta).float(), y)
+        loss.backward()
+        with torch.no_grad():
+            delta = threat.clamp_to_image(x, threat.project(threat.step(delta, delta.grad,
+                                                                        alpha)))
+    return (x + delta).detach()
+
+
+def reference_pgd_epoch(ctx: Context, settings: Any) -> dict[str, float]:
+    """`pgd_at.adversarial_epoch` with `reference_pgd` as its attack."""
+    model, meter = ctx.model, Meter(ctx.device)
+    alpha = ctx.eps / 4 if settings.alpha is None else settings.alpha
+    for batch in ctx.loader:
+        model.train(settings.bn_mode == "train")
+        x_adv = reference_pgd(model, batch.x, batch.y, eps=ctx.eps, alpha=alpha,
+                              steps=settings.steps, random_start=settings.random_start)
+        for opt in ctx.optimizers:  # the attack's weight gradients must not reach the update
+            opt.zero_grad(set_to_none=True)
+        model.train()
+        logits = model(x_adv)
+        loss = F.cross_entropy(logits, batch.y)
+        loss.backward()
+        ctx.step()
+        meter.update(logits, batch.y, loss)
+        if ctx.done:
+            break
+    return meter.result()
+
+
+# --- the weight-gradient probe --------------------------------------------------------------
+
+_MATMULS = ("mm", "addmm", "bmm", "baddbmm")
+# autograd nodes that only cast, view or transpose: a parameter behind them is a direct input
+_LAYOUT_NODES = ("TBackward0", "ToCopyBackward0", "ViewBackward0", "UnsafeViewBackward0",
+                 "TransposeBackward0", "PermuteBackward0", "ExpandBackward0",
+                 "ReshapeAliasBackward0")
+
+
+class WeightGradProbe(TorchDispatchMode):
+    """Counts the ops that compute a parameter gradient while it is active.
+
+    A backward op with an `output_mask` (convolution, batch norm) computes a weight/bias
+    gradient when mask[1:] asks for it. A matmul run by a backward node (a Linear's
+    AddmmBackward) computes one when that node passes a gradient on to a parameter.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.param_ids = {id(p) for p in model.parameters()}
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        mask = _output_mask(func, args, kwargs)
+        if mask is not None:
+            if any(mask[1:]):
+                self.ops[name] += 1
+        elif name in _MATMULS:
+            node = torch._C._current_autograd_node()
+            if node is not None and any(fn is not None and self._reaches_parameter(fn)
+                                        for fn, _ in node.next_functions):
+                self.ops[name] += 1
+        return func(*args, **kwargs)
+
+    def _reaches_parameter(self, fn: Any, depth: int = 4) -> bool:
+        if hasattr(fn, "variable"):  # AccumulateGrad of a leaf
+            return id(fn.variable) in self.param_ids
+        if depth == 0 or fn.name() not in _LAYOUT_NODES:
+            return False
+        return any(f is not None and self._reaches_parameter(f, depth - 1)
+                   for f, _ in fn.next_functions)
+
+
+def _output_mask(func, args: tuple, kwargs: dict) -> list[bool] | None:
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.name == "output_mask":
+            return list(kwargs["output_mask"] if "output_mask" in kwargs else args[i])
+    return None
+
+
+@dataclasses.dataclass
+class ProbeReport:
+    attack_calls: int = 0
+    wgrad_ops: Counter = dataclasses.field(default_factory=Counter)
+    grads_touched: int = 0  # attack calls after which some parameter's .grad differed
+
+
+# The functions that run attack-only passes (no weight update follows from them).
+_ATTACK_PASSES = (("paper_repro.attacks", "_input_gradient"),
+                  ("baselines.yopo", "layer_one_steps"))
+
+
+@contextlib.contextmanager
+def probing_attacks(model: nn.Module, *, dispatch: bool = True) -> Iterator[ProbeReport]:
+    """Watch every attack-only pass inside the block (see `WeightGradProbe`)."""
+    import importlib
+
+    report = ProbeReport()
+    params = list(model.parameters())
+
+    def watch(fn: Callable) -> Callable:
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            before = [None if p.grad is None else p.grad.clone() for p in params]
+            probe = WeightGradProbe(model) if dispatch else contextlib.nullcontext()
+            with probe:
+                out = fn(*args, **kwargs)
+            report.attack_calls += 1
+            if dispatch:
+                report.wgrad_ops.update(probe.ops)
+            if any(_grad_changed(b, p.grad) for b, p in zip(before, params)):
+                report.grads_touched += 1
+            return out
+        return watched
+
+    originals = []
+    for module_name, attr in _ATTACK_PASSES:
+        module = importlib.import_module(module_name)
+        originals.append((module, attr, getattr(module, attr)))
+        setattr(module, attr, watch(getattr(module, attr)))
+    try:
+        yield report
+    finally:
+        for module, attr, fn in originals:
+            setattr(module, attr, fn)
+
+
+def _grad_changed(before: torch.Tensor | None, after: torch.Tensor | None) -> bool:
+    if before is None or after is None:
+        return (before is None) != (after is None)
+    return not torch.equal(before, after)
+
+
+# --- measurements ---------------------------------------------------------------------------
+
+def _timed(bench: Bench, epoch_fn: Callable[[Context], dict[str, float]], steps: int) -> float:
+    """Seconds for `steps` minibatches of `epoch_fn`, between device synchronisations."""
+    fastpath.synchronize(bench.device)
+    t0 = time.perf_counter()
+    bench.run(epoch_fn, max_batches=steps)
+    fastpath.synchronize(bench.device)
+    return time.perf_counter() - t0
+
+
+class GemmPeak:
+    """Attainable dense GEMM throughput: a large square matmul in `dtype`, timed in rounds
+    interleaved with the timed training passes, so both see the same machine load."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device = device
+        self.n, self.reps = (8192, 20) if device.type == "cuda" else (2048, 1)
+        self.a = torch.randn(self.n, self.n, device=device, dtype=dtype)
+        self.b = torch.randn(self.n, self.n, device=device, dtype=dtype)
+        self.best = float("inf")
+        for _ in range(3):
+            self.a @ self.b  # warm-up
+
+    def time_round(self) -> None:
+        fastpath.synchronize(self.device)
+        t0 = time.perf_counter()
+        for _ in range(self.reps):
+            self.a @ self.b
+        fastpath.synchronize(self.device)
+        self.best = min(self.best, time.perf_counter() - t0)
+
+    @property
+    def tflops(self) -> float:
+        return 2 * self.n ** 3 * self.reps / self.best / 1e12
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from .runner import hardware
+    threads = torch.get_num_threads()
+    return f"cpu: {hardware()['cpu']} ({threads} thread{'s' if threads > 1 else ''})"
+
+
+def device_slug(device: torch.device) -> str:
+    """File name of a device's results: 'cpu', or the GPU's name ('nvidia-h100-80gb-hbm3')."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def datasheet_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for pattern, peak in DATASHEET_BF16_TFLOPS if re.search(pattern, name)),
+                None)
+
+
+def measure(method: str, arch: str, batch: int, *, dataset: str = "cifar10",
+            device: str = "auto", precision: str = "auto", channels_last: bool | None = None,
+            compile: bool = False, warmup: int = 3, steps: int = 10, repeats: int = 3,
+            baseline_loop: bool = False, model_args: dict | None = None) -> dict[str, Any]:
+    """Benchmark one configuration; returns its JSON entry (see the module docstring).
+
+    The timed pass is repeated `repeats` times (alternating with the baseline loop's, if any)
+    and the fastest is kept: on a shared machine the minimum is the least disturbed figure.
+    """
+    if steps < 1 or warmup < 0 or repeats < 1:
+        raise ConfigError("bench: --steps and --repeats must be >= 1, --warmup >= 0")
+    if baseline_loop and method not in BASELINE_METHODS:
+        raise ConfigError(f"--baseline-loop compares PGD-k AT steps: use it with "
+                          f"{' or '.join(BASELINE_METHODS)}, not '{method}'")
+    cfg = bench_config(method, arch, batch, dataset=dataset, device=device,
+                       precision=precision, channels_last=channels_last, compile=compile,
+                       model_args=model_args)
+    bench = make_bench(cfg, steps=max(steps, warmup, 1))
+    dev, model = bench.device, bench.model
+    fastpath.prepare_model(model, dataclasses.replace(cfg, compile=False), dev)
+
+    with TotalFlopCounter() as counter:  # one real step, eager
+        bench.run(bench.method.train_epoch, max_batches=1)
+    gflop_per_image = counter.get_total_flops() / batch / 1e9
+    with probing_attacks(model) as probe:  # eager, every op visible to the dispatch mode
+        bench.run(bench.method.train_epoch, max_batches=1)
+    if compile:
+        fastpath.prepare_model(model, cfg, dev)  # compiles in place; the rest is already done
+    ours = bench.method.train_epoch
+    reference = lambda ctx: reference_pgd_epoch(ctx, bench.method.settings)  # noqa: E731
+    contenders = [ours, reference] if baseline_loop else [ours]
+    for epoch_fn in contenders:
+        if warmup:
+            bench.run(epoch_fn, max_batches=warmup)
+    resolved = fastpath.resolve_precision(cfg, dev)
+    gemm = GemmPeak(dev, torch.bfloat16 if resolved == "bf16" else torch.float32)
+    times: dict[Any, list[float]] = {fn: [] for fn in contenders}
+    for _ in range(repeats):
+        gemm.time_round()
+        for epoch_fn in contenders:
+            times[epoch_fn].append(_timed(bench, epoch_fn, steps))
+    gemm.time_round()
+    seconds = min(times[ours])
+    if compile:  # the compiled attack passes must not touch .grad either
+        with probing_attacks(model, dispatch=False) as compiled_probe:
+            bench.run(bench.method.train_epoch, max_batches=1)
+        probe.grads_touched += compiled_probe.grads_touched
+
+    images_per_s = batch * steps / seconds
+    tflops = gflop_per_image * images_per_s / 1e3
+    peak = datasheet_peak(dev)
+    attack_free = probe.attack_calls == 0
+    entry: dict[str, Any] = {
+        "method": method, "arch": arch, "batch": batch, "dataset": dataset,
+        "compile": compile, "precision": resolved,
+        "channels_last": fastpath.uses_channels_last(cfg, dev),
+        "device": device_name(dev), "warmup_steps": warmup, "timed_steps": steps,
+        "repeats": repeats,
+        "optimizer_steps_per_batch": bench.replays,
+        "images_per_s": round(images_per_s, 2),
+        "seconds_per_epoch": round(TRAIN_IMAGES.get(dataset, 50_000) / images_per_s, 3),
+        "epoch_images": TRAIN_IMAGES.get(dataset, 50_000),
+        "gflop_per_image": round(gflop_per_image, 4),
+        "tflops": round(tflops, 4),
+        "peak_datasheet_tflops": peak,
+        "mfu_datasheet": None if peak is None else round(tflops / peak, 4),
+        "gemm_peak_tflops": round(gemm.tflops, 4), "gemm_dtype": resolved,
+        "mfu_measured": round(tflops / gemm.tflops, 4),
+        "wgrad_in_attack": None if attack_free else
+        bool(probe.wgrad_ops) or probe.grads_touched > 0,
+        "wgrad_ops_in_attack": dict(probe.wgrad_ops),
+        "attack_passes_probed": probe.attack_calls,
+        "torch": torch.__version__,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    notes = []
+    if peak is None:
+        notes.append("mfu_datasheet: no bf16 datasheet peak for this device"
+                     + (" (CPU)" if dev.type != "cuda" else ""))
+    if attack_free:
+        notes.append("wgrad_in_attack: the method has no attack-only passes (each pass also "
+                     "updates the weights)")
+    if bench.replays > 1:
+        notes.append(f"an epoch is one pass over the data with {bench.replays} replays per "
+                     "minibatch")
+    if notes:
+        entry["notes"] = notes
+    if baseline_loop:
+        with TotalFlopCounter() as ref_counter, fastpath.eager(cfg):
+            bench.run(reference, max_batches=1)
+        ref_images_per_s = batch * steps / min(times[reference])
+        entry.update(
+            baseline_images_per_s=round(ref_images_per_s, 2),
+            baseline_seconds_per_epoch=round(TRAIN_IMAGES.get(dataset, 50_000)
+                                             / ref_images_per_s, 3),
+            baseline_gflop_per_image=round(ref_counter.get_total_flops() / batch / 1e9, 4),
+            speedup_vs_baseline_loop=round(images_per_s / ref_images_per_s, 3))
+    return entry
+
+
+# --- the store ------------------------------------------------------------------------------
+
+_KEY = ("method", "arch", "batch", "compile", "precision", "dataset")
+
+
+def write_entry(entry: dict[str, Any], path: Path) -> None:
+    """Merge `entry` into the device's JSON (one entry per key, the newest measurement wins)."""
+    data = results.read_json(path) or {"device": entry["device"], "entries": []}
+    key = tuple(entry[k] for k in _KEY)
+    kept = [e for e in data.get("entries", []) if tuple(e.get(k) for k in _KEY) != key]
+    data["device"] = entry["device"]
+    data["entries"] = sorted([*kept, entry], key=lambda e: tuple(str(e.get(k)) for k in _KEY))
+    results.atomic_write_json(path, data)
+
+
+def summary_line(e: dict[str, Any]) -> str:
+    mfu = "n/a" if e["mfu_datasheet"] is None else f"{100 * e['mfu_datasheet']:.1f}%"
+    line = (f"{e['method']} {e['arch']} b{e['batch']}{' compiled' if e['compile'] else ''} "
+            f"{e['precision']}: {e['images_per_s']:.1f} img/s, {e['seconds_per_epoch']:.1f} "
+            f"s/epoch, {e['gflop_per_image']:.3f} GFLOP/img, {e['tflops']:.3f} TFLOP/s, MFU "
+            f"{mfu} datasheet / {100 * e['mfu_measured']:.1f}% measured GEMM, wgrad in attack: "
+            f"{e['wgrad_in_attack']}")
+    if "speedup_vs_baseline_loop" in e:
+        line += f", {e['speedup_vs_baseline_loop']:.2f}x the backward()-in-attack loop"
+    return line
+
+
+# --- command line ---------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="pgd_at", help="training method (default pgd_at)")
+    p.add_argument("--arch", default="preact-resnet18", help="model (default preact-resnet18)")
+    p.add_argument("--batch", type=int, default=128, help="minibatch size (default 128)")
+    p.add_argument("--dataset", default="cifar10",
+                   help="shape of the synthetic data: cifar10 (3x32x32), fashion-mnist (1x28x28)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed passes, the fastest kept (default 3)")
+    p.add_argument("--baseline-loop", action="store_true",
+                   help="also time the reference repos' loss.backward()-in-attack PGD AT step")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="model option, e.g. --set model_args.width=4")
+    p.add_argument("--all", action="store_true",
+                   help=f"the grid {'/'.join(GRID_ARCHS)} x {'/'.join(GRID_METHODS)} x batch "
+                        f"{'/'.join(map(str, GRID_BATCHES))} (pgd_at with --baseline-loop)")
+    p.add_argument("--results-dir", default="results", help="writes <dir>/bench/<device>.json")
+
+
+def main(args: argparse.Namespace) -> int:
+    from .config import parse_override
+    from .runner import resolve_device
+
+    model_args: dict[str, Any] = {}
+    for text in args.set:
+        key, value = parse_override(text)
+        if key != "model_args" or not isinstance(value, dict):
+            raise ConfigError(f"bench --set takes model_args.<option>=<value>, got '{text}'")
+        model_args.update(value)
+    path = Path(args.results_dir) / "bench" / f"{device_slug(resolve_device(args.device))}.json"
+    if args.all:
+        grid = [(m, a, b, m == "pgd_at") for a in GRID_ARCHS for m in GRID_METHODS
+                for b in GRID_BATCHES]
+    else:
+        grid = [(args.method, args.arch, args.batch, args.baseline_loop)]
+    for method, arch, batch, baseline in grid:
+        try:
+            entry = measure(method, arch, batch, dataset=args.dataset, device=args.device,
+                            precision=args.precision, compile=args.compile,
+                            warmup=args.warmup, steps=args.steps, repeats=args.repeats,
+                            baseline_loop=baseline,
+                            model_args=model_args)
+        except torch.OutOfMemoryError:
+            if not args.all:
+                raise ConfigError(f"out of device memory at batch {batch}") from None
+            print(f"{method} {arch} b{batch}: out of device memory, skipped")
+            torch.cuda.empty_cache()
+            continue
+        write_entry(entry, path)
+        print(summary_line(entry))
+    print(f"wrote {path}")
+    return 0
