@@ -284,3 +284,19 @@ def test_aggregate_refuses_to_mix_configs_in_one_cell(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "different configs" in err[0] and "c1, c2" in err[0]
     assert not (tmp_path / "tables" / "smoke" / "table1.csv").exists()
+
+
+def test_status_tells_an_interrupted_run_from_a_running_one(tmp_path, capsys):
+    directory = results.run_dir(tmp_path, "smoke/table1/natural/seed0")
+    results.write_record(directory, {"status": results.STATUS_RUNNING, "epochs_done": 1})
+    argv = ["status", "table1", "--rows", "natural", "--scale", "smoke",
+            "--results-dir", str(tmp_path)]
+
+    def natural_line() -> str:
+        assert cli.main(argv) == 0
+        return next(ln for ln in capsys.readouterr().out.splitlines() if "table1/natural" in ln)
+
+    assert "interrupted" in natural_line() and "--resume" in natural_line()
+    with results.run_lock(directory):  # what a live training process holds
+        line = natural_line()
+        assert "running" in line and "interrupted" not in line
