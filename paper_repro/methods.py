@@ -178,10 +178,13 @@ class Method:
         if unknown:
             raise ConfigError(f"method '{cls.name}': unknown setting(s) {', '.join(unknown)} "
                               f"(valid: {', '.join(sorted(known)) or 'none'})")
-        hints = typing.get_type_hints(cls.Settings)
         try:
-            return cls.Settings(**{k: coerce(f"method_args.{k}", hints[k], v)
-                                   for k, v in args.items()})
+            hints = typing.get_type_hints(cls.Settings)
+        except NameError:  # an annotation that cannot be resolved here: let the class check
+            hints = {}
+        try:
+            return cls.Settings(**{k: coerce(f"method_args.{k}", hints[k], v) if k in hints
+                                   else v for k, v in args.items()})
         except ConfigError as e:
             raise ConfigError(f"method '{cls.name}': {e}") from None
 

@@ -345,7 +345,8 @@ def _train(cfg: RunConfig, *, run_path: str | None, resume: bool, quiet: bool,
     monitor = MonitorSets(test_x, test_y, test_x[test_idx], test_y[test_idx],
                           data.train_x[train_idx].to(device), data.train_y[train_idx].to(device))
 
-    # everything above only reads: bad input has failed by now, with the store untouched
+    # nothing above wrote to this run's folder (a pre-training it needs is a run of its own):
+    # bad input has failed by now with the store untouched
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -300,3 +300,16 @@ def test_status_tells_an_interrupted_run_from_a_running_one(tmp_path, capsys):
     with results.run_lock(directory):  # what a live training process holds
         line = natural_line()
         assert "running" in line and "interrupted" not in line
+
+
+def test_a_cell_with_a_failed_seed_says_so(tmp_path):
+    for seed, status in ((0, "done"), (1, "failed")):
+        directory = results.run_dir(tmp_path, f"smoke/table1/pgd_at/seed{seed}")
+        results.atomic_write_json(directory / "config.json", {
+            "experiment": "table1", "row": "pgd_at", "scale": "smoke", "seed": seed,
+            "method": "pgd_at", "arch": "cnn-small", "dataset": "fashion-mnist"})
+        results.write_record(directory, {"status": status, "clean_acc": 80.0, "pgd_acc": 50.0,
+                                         "train_minutes": 1.0, "train_flops": 1e12,
+                                         "eval_n": 10, "cell_hash": "c", "failed_epoch": 3})
+    row = table_frame("table1", "smoke", tmp_path).set_index("row").loc["pgd_at"]
+    assert row["status"] == "done (1 failed)" and row["n_seeds"] == 1

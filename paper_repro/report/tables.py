@@ -84,7 +84,8 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
                 if col in ("clean_acc", "pgd_acc"):
                     line[col.replace("_acc", "_std")] = std
             line["eval_n"] = int(done["eval_n"].iloc[0])
-            line["status"] = "done"
+            n_failed = int((mine["status"] == results.STATUS_FAILED).sum())
+            line["status"] = f"done ({n_failed} failed)" if n_failed else "done"  # never hidden
         else:
             failed = mine[mine["status"] == results.STATUS_FAILED] if not mine.empty else mine
             line["status"] = (f"failed (epoch {failed['failed_epoch'].iloc[0]})"
