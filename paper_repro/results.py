@@ -138,10 +138,15 @@ def check_checkpoint(path: Path) -> str | None:
     return f"record {bad} fails its CRC check" if bad else None
 
 
+RUN_FILES = ("checkpoint.pt", "config.json", "record.json", "metrics.csv", "lr.csv")
+
+
 def remove_stale_temps(directory: Path) -> None:
-    """Temporary files of writes that a killed process never finished (call under run_lock)."""
-    for tmp in Path(directory).glob(f".*{TEMP_SUFFIX}"):
-        tmp.unlink(missing_ok=True)
+    """Temporary files of the run's own writes that a killed trainer never finished (call
+    under run_lock; other writers' files, such as the SLURM ledger, are left alone)."""
+    for name in RUN_FILES:
+        for tmp in Path(directory).glob(f".{name}.*{TEMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
