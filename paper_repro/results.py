@@ -56,11 +56,12 @@ def _write_temp(path: Path, data: bytes, fault: str | None = None) -> Path:
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from the group
         with os.fdopen(fd, "wb") as f:
-            if fault:  # test-only: die with half the file written (paper_repro/faults.py)
-                f.write(data[:len(data) // 2])
+            half = len(data) // 2 if fault else len(data)
+            f.write(data[:half])
+            if fault:  # test-only: the tests may die here, half the file written (faults.py)
                 f.flush()
                 faults.point(fault)
-            f.write(data[len(data) // 2:] if fault else data)
+            f.write(data[half:])
             f.flush()
             os.fsync(f.fileno())
     except BaseException:

@@ -11,14 +11,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from paper_repro import cli
 from paper_repro.models import create_model
 from test_data import _cifar_rows, _write_cifar10, _write_fashion, _write_pickle
-
-import numpy as np
 
 TINY = ["--method", "natural", "--arch", "cnn-small", "--set", "model_args.width=4",
         "--dataset", "cifar10", "--train-subset", "24", "--batch-size", "8", "--epochs", "1",
@@ -223,8 +222,6 @@ def test_bad_input_is_one_line_and_touches_nothing(world, case, argv, message, c
     assert len(lines) == 1 and len(err.strip().splitlines()) == 1, err
     assert lines[0].startswith("error: ") and message in lines[0], lines[0]
     assert [_snapshot(s) for s in stores] == before
-    print(f"{case}: {lines[0]}", file=open(os.environ["BAD_INPUT_LOG"], "a")) \
-        if os.environ.get("BAD_INPUT_LOG") else None
 
 
 def test_the_catalogue_is_large_enough():
