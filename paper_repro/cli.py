@@ -218,9 +218,16 @@ def _report(record: dict[str, Any]) -> None:
           + (f" checks: {record['checks']}" if "checks" in record else ""))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2) like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m paper_repro",
-                                     description="Adversarial Fine-Tuning reproduction suite")
+    parser = _Parser(prog="python -m paper_repro",
+                     description="Adversarial Fine-Tuning reproduction suite")
     parser.add_argument("--list", action="store_true",
                         help="list methods, models, datasets, schedules and experiments")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

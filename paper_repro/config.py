@@ -162,7 +162,12 @@ def parse_fraction(value: Any, key: str) -> float:
 
 def _coerce(key: str, value: Any) -> Any:
     """Check one value against the field's annotation; numbers may be given as 'a/b'."""
-    annotation = _FIELD_TYPES[key]
+    return coerce(key, _FIELD_TYPES[key], value)
+
+
+def coerce(key: str, annotation: Any, value: Any) -> Any:
+    """Check `value` against a type annotation (int, float, bool, str, dict, or X | None);
+    numbers may be given as 'a/b'. Also checks the settings of methods."""
     allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) \
         else (annotation,)
     if value is None:
@@ -188,7 +193,7 @@ def _coerce(key: str, value: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table of settings, got {value!r}")
         return value
-    raise AssertionError(f"unhandled type for {key}: {annotation}")  # a bug, not user input
+    return value  # other annotations (tensors, tuples) are the owner's to check
 
 
 def _merge(base: dict[str, Any], layer: Mapping[str, Any], where: str) -> dict[str, Any]:

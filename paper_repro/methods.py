@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
 
-from .config import RunConfig
+from . import faults
+from .config import RunConfig, coerce
 from .data import ArrayLoader
 from .errors import ConfigError
 from .schedules import Schedule
@@ -134,6 +136,7 @@ class Context:
             opt.step()
             opt.zero_grad(set_to_none=True)
         self.global_step += 1
+        faults.point("pretrain-step" if self.cfg.experiment == "pretrain" else "step")  # tests
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, scope: str) -> list[dict[str, Any]]:
@@ -182,7 +185,15 @@ class Method:
         if unknown:
             raise ConfigError(f"method '{cls.name}': unknown setting(s) {', '.join(unknown)} "
                               f"(valid: {', '.join(sorted(known)) or 'none'})")
-        return cls.Settings(**args)
+        try:
+            hints = typing.get_type_hints(cls.Settings)
+        except NameError:  # an annotation that cannot be resolved here: let the class check
+            hints = {}
+        try:
+            return cls.Settings(**{k: coerce(f"method_args.{k}", hints[k], v) if k in hints
+                                   else v for k, v in args.items()})
+        except ConfigError as e:
+            raise ConfigError(f"method '{cls.name}': {e}") from None
 
     def make_optimizers(self, model: nn.Module) -> list[torch.optim.Optimizer]:
         groups = parameter_groups(model, self.cfg.weight_decay, self.cfg.wd_scope)

@@ -5,6 +5,7 @@ monitoring, atomic checkpoints, resume, the final evaluation protocol and the re
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -21,7 +22,7 @@ import torch.nn as nn
 from .flops import TotalFlopCounter
 from tqdm import tqdm
 
-from . import fastpath, results
+from . import fastpath, faults, results
 from .config import EVALUATION_FIELDS, RunConfig, build_config
 from .data import Augment, ArrayLoader, DatasetInfo, dataset_info, load_arrays, load_ti500k
 from .distributed import DataParallel, init_from_environment
@@ -46,7 +47,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' requested but no CUDA GPU is available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: unknown device '{name}' (valid: auto, cpu, cuda, "
+                          "cuda:<index>)") from None
 
 
 def set_determinism(cfg: RunConfig) -> None:
@@ -136,12 +141,25 @@ def load_weights(model: nn.Module, path: Path) -> None:
     state = safe_load(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: does not fit architecture "
-                              f"{type(model).__name__}: {first}") from None
+    except RuntimeError:
+        raise CheckpointError(f"{path}: does not fit this architecture "
+                              f"({_state_mismatch(model.state_dict(), state)})") from None
+
+
+def _state_mismatch(want: dict[str, Any], got: dict[str, Any]) -> str:
+    """One line on how a state dict differs from the model's: missing, unexpected, reshaped."""
+    missing = [k for k in want if k not in got]
+    unexpected = [k for k in got if k not in want]
+    reshaped = [f"{k} {tuple(got[k].shape)} vs {tuple(want[k].shape)}" for k in want
+                if k in got and hasattr(got[k], "shape") and got[k].shape != want[k].shape]
+    parts = [f"{len(items)} {what} (e.g. {items[0]})" for what, items in
+             (("missing keys", missing), ("unexpected keys", unexpected),
+              ("tensors of another shape", reshaped)) if items]
+    return "; ".join(parts) or "incompatible tensors"
 
 
 def resolve_init(model: nn.Module, cfg: RunConfig) -> tuple[str, str]:
@@ -211,11 +229,14 @@ def code_version() -> dict[str, Any]:
         except (OSError, subprocess.TimeoutExpired):
             return ""
 
+    import numpy
     import torchvision
     return {"git_sha": git("rev-parse", "HEAD") or "unknown",
             "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
             "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__}
+            "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "os": platform.platform()}
 
 
 # --- the training loop ---------------------------------------------------------------------
@@ -248,10 +269,19 @@ def _check_existing(directory: Path, cfg: RunConfig) -> None:
 
 def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
           quiet: bool = False) -> dict[str, Any]:
-    """Train and evaluate one run; returns its record. A run already done is not re-run.
+    """Train and evaluate one run; returns its record. A run already done is not re-run (only
+    evaluated again when the config asks for an evaluation its record lacks).
 
+    Bad input fails before anything is written; the run's folder is locked while it trains.
     With N processes (paper_repro.distributed) every rank trains on its slice of each batch;
-    rank 0 alone writes files and evaluates, the others return a short summary."""
+    rank 0 alone locks, writes files and evaluates, the others return a short summary.
+    """
+    with contextlib.ExitStack() as locks:
+        return _train(cfg, run_path=run_path, resume=resume, quiet=quiet, locks=locks)
+
+
+def _train(cfg: RunConfig, *, run_path: str | None, resume: bool, quiet: bool,
+           locks: contextlib.ExitStack) -> dict[str, Any]:
     run_path = run_path or cfg.run_path
     directory = results.run_dir(cfg.results_dir, run_path)
     _check_existing(directory, cfg)
@@ -266,8 +296,9 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
         return record
     quiet = quiet or not world.is_main
     checkpoint_path = directory / "checkpoint.pt"
-    if resume and not checkpoint_path.is_file():
-        raise ReproError(f"--resume: nothing to resume in {directory} (no checkpoint.pt)")
+    if resume and not _was_started(cfg, directory):
+        raise ReproError(f"--resume: nothing to resume in {directory} (the run was never "
+                         "started); leave out --resume to start it")
     method_cls = get_method(cfg.method)
     if cfg.pretrain is not None and not method_cls.fine_tunes:
         raise ConfigError(f"pretrain is set but method '{cfg.method}' trains from scratch "
@@ -279,19 +310,11 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
     set_determinism(cfg)
     device = parallel.device
 
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ReproError(f"cannot create {directory}: {e.strerror}") from None
-    if not os.access(directory, os.W_OK):
-        raise ReproError(f"results folder {directory} is not writable")
+    _check_writable(directory)
     base_record = {"run_path": run_path, "config_hash": cfg.config_hash(),
                    "cell_hash": cfg.cell_hash(), "method": cfg.method,
                    "hardware": {**hardware(), "processes": world.world_size},
                    "code": code_version(), **fastpath.describe(cfg, device)}
-    if world.is_main:
-        results.atomic_write_json(directory / "config.json",
-                                  {**cfg.to_dict(), "config_hash": cfg.config_hash()})
 
     data = load_data(cfg)
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
@@ -321,15 +344,32 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
     monitor = MonitorSets(test_x, test_y, test_x[test_idx], test_y[test_idx],
                           data.train_x[train_idx].to(device), data.train_y[train_idx].to(device))
 
+    # nothing above wrote to this run's folder (a pre-training it needs is a run of its own):
+    # bad input has failed by now with the store untouched
+    if world.is_main:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ReproError(f"cannot create {directory}: {e.strerror}") from None
+        locks.enter_context(results.run_lock(directory))
+        record = results.read_record(directory)
+    finished_meanwhile = bool(record and record.get("status") == results.STATUS_DONE)
+    if parallel.from_main(finished_meanwhile):  # finished by another process while we set up
+        return record if world.is_main else {"rank": world.rank, "status": results.STATUS_DONE}
+    if world.is_main:
+        results.remove_stale_temps(directory)
+        results.atomic_write_json(directory / "config.json",
+                                  {**cfg.to_dict(), "config_hash": cfg.config_hash()})
+    parallel.barrier()  # rank 0's checkpoint (if any) is whole before every rank reads it
     state = {"epoch": 0, "global_step": 0, "train_time_s": 0.0, "flops_per_epoch": None,
              "metrics": [], "lr_log": []}
-    if checkpoint_path.is_file():
-        state = _restore(checkpoint_path, cfg, model, optimizers, method, device)
+    checkpoint = _load_checkpoint(checkpoint_path, cfg)
+    if checkpoint is not None:
+        state = _restore(checkpoint, model, optimizers, method, device)
     parallel.broadcast_model(model)
     if world.is_main:
-        results.atomic_write_json(directory / "record.json",
-                                  {**base_record, "status": results.STATUS_RUNNING,
-                                   "epochs_done": state["epoch"]})
+        results.write_record(directory, {**base_record, "status": results.STATUS_RUNNING,
+                                         "epochs_done": state["epoch"]})
 
     total_steps = cfg.epochs * len(loader)
     bar = tqdm(total=total_steps, initial=state["epoch"] * len(loader), unit="batch",
@@ -386,6 +426,7 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
 
     t_eval = time.perf_counter()
     final = final_evaluation(model, test_x, test_y, cfg, device)
+    faults.point("eval")  # test-only (faults.py): no-op unless REPRO_FAULT names it
     epochs_done = state["epoch"]
     record = {
         **base_record, **final,
@@ -405,7 +446,7 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
         "eval_alpha": cfg.eval_alpha_value,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    results.atomic_write_json(directory / "record.json", record)
+    results.write_record(directory, record)  # the last write: "done" means all is on disk
     parallel.barrier()
     return record
 
@@ -457,7 +498,7 @@ def reevaluate(cfg: RunConfig, directory: Path, record: dict[str, Any]) -> dict[
     config = results.read_json(directory / "config.json") or {}
     results.atomic_write_json(directory / "config.json",
                               {**config, **{k: getattr(cfg, k) for k in EVALUATION_FIELDS}})
-    results.atomic_write_json(directory / "record.json", updated)
+    results.write_record(directory, updated)
     return updated
 
 
@@ -513,15 +554,40 @@ def _save_checkpoint(path: Path, cfg: RunConfig, model: nn.Module,
     }, path)
 
 
-def _restore(path: Path, cfg: RunConfig, model: nn.Module,
-             optimizers: list[torch.optim.Optimizer], method: Method,
-             device: torch.device) -> dict[str, Any]:
-    ckpt = safe_load(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
-        raise CheckpointError(f"{path}: not a checkpoint of this suite")
-    if ckpt.get("config_hash") != cfg.config_hash():
-        raise CheckpointError(f"{path}: written by another config (hash "
-                              f"{ckpt.get('config_hash')} != {cfg.config_hash()})")
+def _load_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The newest whole checkpoint of the run: checkpoint.pt, or if that one is torn the
+    previous good one (checkpoint.prev.pt, with a warning); None when there is neither."""
+    torn: list[str] = []
+    for candidate in (path, results.previous_checkpoint(path)):
+        if not candidate.is_file():
+            continue
+        why = results.check_checkpoint(candidate)
+        ckpt: Any = None
+        if why is None:
+            try:
+                ckpt = safe_load(candidate)
+            except CheckpointError as e:
+                why = str(e)
+        if why is None and not (isinstance(ckpt, dict) and "model" in ckpt and "epoch" in ckpt):
+            why = "not a checkpoint of this suite"
+        if why is not None:
+            torn.append(f"{candidate.name}: {why}")
+            continue
+        if ckpt.get("config_hash") != cfg.config_hash():
+            raise CheckpointError(f"{candidate}: written by another config (hash "
+                                  f"{ckpt.get('config_hash')} != {cfg.config_hash()})")
+        if torn:
+            print(f"warning: {torn[0]}; resuming from {candidate.name} (epoch {ckpt['epoch']})",
+                  file=sys.stderr)
+        return ckpt
+    if torn:
+        raise CheckpointError(f"no usable checkpoint in {path.parent} ({'; '.join(torn)}); "
+                              "remove them to start the run over")
+    return None
+
+
+def _restore(ckpt: dict[str, Any], model: nn.Module, optimizers: list[torch.optim.Optimizer],
+             method: Method, device: torch.device) -> dict[str, Any]:
     model.load_state_dict(ckpt["model"])
     for opt, opt_state in zip(optimizers, ckpt["optimizers"]):
         opt.load_state_dict(opt_state)
@@ -543,6 +609,33 @@ def _to_device(obj: Any, device: torch.device) -> Any:
 
 
 def _fail(directory: Path, base_record: dict[str, Any], epoch: int, reason: str) -> None:
-    results.atomic_write_json(directory / "record.json",
-                              {**base_record, "status": results.STATUS_FAILED,
-                               "failed_epoch": epoch + 1, "reason": reason})
+    results.write_record(directory, {**base_record, "status": results.STATUS_FAILED,
+                                     "failed_epoch": epoch + 1, "reason": reason})
+
+
+def _check_writable(directory: Path) -> None:
+    """Fail early, creating nothing, if the run's folder could not be created or written."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ReproError(f"cannot create {directory}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ReproError(f"results folder {existing} is not writable")
+
+
+def _was_started(cfg: RunConfig, directory: Path) -> bool:
+    """Whether `--resume` has something to continue: this run's folder (its config, written
+    before the first epoch, or a checkpoint) or a prerequisite run it trains first."""
+    checkpoint = directory / "checkpoint.pt"
+    if any(p.is_file() for p in (directory / "config.json", checkpoint,
+                                 results.previous_checkpoint(checkpoint))):
+        return True
+    before = []
+    if cfg.pretrain is not None and not cfg.init:
+        before.append(pretrain_config(cfg))
+    if cfg.extra_data == "pseudo-label":
+        before.append(teacher_config(cfg))
+    return any(_was_started(c, results.run_dir(c.results_dir,
+                                               results.pretrain_path(c.scale, c.config_hash())))
+               for c in before)

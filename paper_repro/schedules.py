@@ -142,6 +142,13 @@ def make_schedule(name: str, *, base_lr: float, epochs: float, **kwargs) -> Sche
     if name not in SCHEDULES:
         raise ConfigError(f"unknown schedule '{name}' (valid: {', '.join(sorted(SCHEDULES))})")
     try:
-        return SCHEDULES[name](base_lr=base_lr, epochs=epochs, **kwargs)
-    except TypeError as e:
-        raise ConfigError(f"schedule '{name}': bad arguments {sorted(kwargs)} ({e})") from None
+        schedule = SCHEDULES[name](base_lr=base_lr, epochs=epochs, **kwargs)
+        # evaluate it once now: a bad argument (gamma = "abc") must fail here, not mid-run
+        for t in (0.0, epochs / 2, max(epochs - 1e-6, 0.0)):
+            values = [schedule.lr(t)] + ([schedule.momentum(t)] if schedule.momentum else [])
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                raise ValueError(f"it gives {values} at epoch {t:g}")
+    except (TypeError, ValueError, ArithmeticError) as e:
+        raise ConfigError(f"schedule '{name}': bad arguments {sorted(kwargs)} "
+                          f"({' '.join(str(e).split())})") from None
+    return schedule

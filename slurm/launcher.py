@@ -1,7 +1,7 @@
 """Run experiment sweeps as SLURM job arrays through submitit, and say where each run stands.
 
     submit_sweep(configs, options) -> job ids     one array per sweep (plus one per dependency)
-    status(configs) -> rows                       done / running / queued / failed / not submitted
+    status(configs) -> rows        done / running / queued / failed / interrupted / not submitted
     ExecutorOptions                               what to ask SLURM for (partition, GPUs, time...)
     add_slurm_arguments, options_from_args        the CLI's --slurm flags, wired in one place
 
@@ -421,8 +421,11 @@ def status(configs: Sequence[RunConfig]) -> list[dict[str, Any]]:
         elif record.get("status") == results.STATUS_FAILED:
             row["state"] = "failed"
             row["detail"] = str(record.get("reason", ""))
-        elif record.get("status") == results.STATUS_RUNNING:
-            row["detail"] = f"checkpoint after epoch {record.get('epochs_done', 0)}"
+        elif record.get("status") == results.STATUS_RUNNING:  # trained here, not by SLURM
+            training = results.is_locked(directory)  # a live process holds the run's lock
+            row["state"] = "running" if training else "interrupted"
+            row["detail"] = (f"epoch {record.get('epochs_done', 0)}/{run.cfg.epochs} done" +
+                             ("" if training else "; rerun (--resume) to continue"))
         rows.append(row)
     return rows
 

@@ -48,7 +48,8 @@ def _first_run(runs: pd.DataFrame, experiment: str, row: str) -> pd.Series | Non
 def fig1_overfitting(run: pd.Series) -> plt.Figure:
     """Accuracy per epoch on clean test, PGD test and PGD train data; LR drops as lines."""
     m = results.load_metrics(run["run_dir"])
-    long = m.melt(id_vars="epoch", value_vars=["test_clean_acc", "test_pgd_acc", "train_pgd_acc"],
+    curves = [c for c in ("test_clean_acc", "test_pgd_acc", "train_pgd_acc") if c in m]
+    long = m.melt(id_vars="epoch", value_vars=curves,  # no PGD curves when monitor_n = 0
                   var_name="curve", value_name="accuracy (%)")
     long["curve"] = long["curve"].map({"test_clean_acc": "clean test", "test_pgd_acc":
                                        "PGD test", "train_pgd_acc": "PGD train"})

@@ -98,7 +98,8 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
             line["eval_n"] = int(done["eval_n"].iloc[0])
             line["aa_n"] = _joined(done.get("aa_n"))
             line["checks"] = cell_checks(done.get("checks"))
-            line["status"] = "done"
+            n_failed = int((mine["status"] == results.STATUS_FAILED).sum())
+            line["status"] = f"done ({n_failed} failed)" if n_failed else "done"  # never hidden
         else:
             failed = mine[mine["status"] == results.STATUS_FAILED] if not mine.empty else mine
             line["status"] = (f"failed (epoch {failed['failed_epoch'].iloc[0]})"
