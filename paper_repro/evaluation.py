@@ -123,7 +123,8 @@ def autoattack_flags(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     x = images.to(device).float().div_(255)
     y = labels.to(device)
     aa = AutoAttack(model, eps=eps, norm="Linf", version=AA_VERSION, seed=seed, device=device)
-    n_classes = int(model(x[:1]).shape[1])
+    with torch.no_grad():
+        n_classes = int(model(x[:1]).shape[1])  # targets: at most the other classes
     aa.apgd_targeted.n_target_classes = min(aa.apgd_targeted.n_target_classes, n_classes - 1)
     aa.fab.n_target_classes = min(aa.fab.n_target_classes, n_classes - 1)
     checks.funcs.update(dict.fromkeys(checks.funcs, 0))  # its dynamic-defence counter is global
@@ -187,7 +188,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
         t0 = time.perf_counter()
         aa_idx = fixed_subset(len(labels), min(aa_n or len(idx), len(idx)))
         on_aa = torch.isin(idx, aa_idx)
-        aa, aa_warnings = autoattack_flags(model, sub_x[on_aa], sub_y[on_aa], eps=eps,
+        on_device = on_aa.to(sub_x.device)
+        aa, aa_warnings = autoattack_flags(model, sub_x[on_device], sub_y[on_device], eps=eps,
                                            batch=batch, device=device, seed=seed)
         acc.update(aa=_pct(aa), pgd20_on_aa=_pct(pgd20[on_aa]))
         out.update(aa_acc=acc["aa"], aa_n=int(on_aa.sum()), aa_version=AA_VERSION,

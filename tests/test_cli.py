@@ -23,7 +23,7 @@ def test_smoke_table1_has_every_row_measured(smoke_store):
     table = pd.read_csv(smoke_store / "tables" / "smoke" / "table1.csv")
     assert list(table["row"]) == ROWS
     assert (table["status"] == "done").all()
-    for col in ("row", "method", "arch", "dataset", "scale", "clean_acc", "pgd_acc",
+    for col in ("row", "method", "arch", "dataset", "scale", "clean_acc", "pgd_acc", "checks",
                 "train_minutes", "cost_pflop", "paper_clean", "paper_pgd", "paper_minutes"):
         assert table[col].notna().all(), col
     assert table.set_index("row").loc["pgd_at", "paper_minutes"] == 5418

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
@@ -14,6 +15,30 @@ from paper_repro.evaluation import (LARGE_EPS_MAX_ACC, PGD100_MARGIN_PP, evaluat
 from conftest import tiny_config
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    """A width-4 cnn-small trained naturally for a second: AutoAttack's cost is its iteration
+    counts (6,900 model calls for a point that survives), so its tests use a cheap model."""
+    from paper_repro.data import dataset_info, load_arrays
+    from paper_repro.models import create_model
+
+    torch.manual_seed(0)
+    x, y = load_arrays("fashion-mnist", None, train=True)
+    x, y = x[:2048].float() / 255, y[:2048]
+    info = dataset_info("fashion-mnist")
+    model = create_model("cnn-small", num_classes=10, in_channels=1, mean=info.mean,
+                         std=info.std, width=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _epoch in range(3):
+        for i in range(0, len(y), 64):
+            loss = nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model.eval()
 
 
 def test_pyautoattack_standard_is_the_robustbench_configuration():
@@ -30,27 +55,29 @@ def test_pyautoattack_standard_is_the_robustbench_configuration():
 
 
 def test_autoattack_is_no_weaker_than_pgd_and_an_honest_model_passes_the_checks(
-        trained_model, fashion_test):
+        small_model, fashion_test):
     x, y = fashion_test
-    before = [p.detach().clone() for p in trained_model.parameters()]
-    out = evaluate(trained_model, x, y, eps=0.02, alpha=0.005, steps=20, n=48, batch=48,
-                   device=CPU, aa_n=48, checks=True)
-    assert out["aa_n"] == 48 and out["aa_version"] == "standard"
+    before = [p.detach().clone() for p in small_model.parameters()]
+    out = evaluate(small_model, x, y, eps=0.04, alpha=0.01, steps=20, n=12, batch=12,
+                   device=CPU, aa_n=12, checks=True)
+    assert out["aa_n"] == 12 and out["aa_version"] == "standard"
     assert "pyautoattack" in out["aa_package"]
-    assert 0 < out["aa_acc"] <= out["pgd_acc"] < out["clean_acc"]  # a real, non-trivial case
+    assert 0 < out["aa_acc"] <= out["pgd_acc"] < out["clean_acc"], out  # a non-trivial case
     assert out["checks"] == "ok", out
-    assert out["fgsm_acc"] >= out["pgd_acc"] and out["large_eps_acc"] <= LARGE_EPS_MAX_ACC
-    assert all(p.grad is None for p in trained_model.parameters())  # no weight gradients
-    assert all(torch.equal(a, b) for a, b in zip(before, trained_model.parameters()))
+    assert out["clean_acc"] >= out["fgsm_acc"] >= out["pgd_acc"]
+    assert out["large_eps_acc"] <= LARGE_EPS_MAX_ACC
+    assert all(p.grad is None for p in small_model.parameters())  # no weight gradients
+    assert all(p.requires_grad for p in small_model.parameters())  # unfrozen again
+    assert all(torch.equal(a, b) for a, b in zip(before, small_model.parameters()))
 
 
-def test_autoattack_runs_on_the_first_images_of_the_pgd_subset(trained_model, fashion_test):
+def test_autoattack_runs_on_the_first_images_of_the_pgd_subset(small_model, fashion_test):
     x, y = fashion_test
-    out = evaluate(trained_model, x, y, eps=0.02, alpha=0.005, steps=5, n=40, batch=40,
-                   device=CPU, aa_n=16, checks=False)
+    out = evaluate(small_model, x, y, eps=0.3, alpha=0.075, steps=5, n=40, batch=40,
+                   device=CPU, aa_n=16, checks=False)  # at ε = 0.3 APGD-CE leaves no point
     assert out["aa_n"] == 16 and out["eval_n"] == 40 and "checks" not in out
     assert bool(torch.isin(fixed_subset(len(y), 16), fixed_subset(len(y), 40)).all())
-    off = evaluate(trained_model, x, y, eps=0.02, alpha=0.005, steps=5, n=40, batch=40,
+    off = evaluate(small_model, x, y, eps=0.3, alpha=0.075, steps=5, n=40, batch=40,
                    device=CPU, aa_n=0)
     assert "aa_acc" not in off and off["pgd_acc"] == out["pgd_acc"]  # PGD unchanged by AA
 
@@ -67,11 +94,11 @@ class Quantised(nn.Module):
         return self.model(torch.round(x * 3) / 3)
 
 
-def test_a_gradient_masking_model_is_flagged(trained_model, fashion_test):
+def test_a_gradient_masking_model_is_flagged(small_model, fashion_test):
     x, y = fashion_test
-    masked = Quantised(trained_model).eval()
-    out = evaluate(masked, x, y, eps=0.1, alpha=0.025, steps=20, n=32, batch=32, device=CPU,
-                   aa_n=32, checks=True)
+    masked = Quantised(small_model).eval()
+    out = evaluate(masked, x, y, eps=0.1, alpha=0.025, steps=20, n=12, batch=12, device=CPU,
+                   aa_n=12, checks=True)
     failed = out["checks"].split(",")
     assert "large_eps" in failed       # PGD at 4ε cannot move the input: accuracy stays high
     assert "aa_flags" in failed        # Square (black-box) beats the white-box attacks
@@ -157,3 +184,22 @@ def test_reevaluation_without_a_checkpoint_says_what_to_do(tmp_path):
         runner.train(tiny_config(tmp_path, aa_n=10), quiet=True)
     assert "\n" not in str(info.value)
     assert (directory / "record.json").read_text() == before
+
+
+def test_seeds_give_mean_std_and_n_with_autoattack_and_checks(tmp_path):
+    """`sweep --seeds 2`: two runs of the row, the table shows mean ± std over them and N = 2."""
+    from paper_repro import cli
+
+    assert cli.main(["sweep", "table1", "--rows", "natural", "--scale", "smoke", "--seeds", "2",
+                     "--aa-n", "8", "--results-dir", str(tmp_path)]) == 0
+    records = [results.read_record(results.run_dir(tmp_path, f"smoke/table1/natural/seed{s}"))
+               for s in (0, 1)]
+    assert all(r["aa_n"] == 8 and r["checks"] for r in records)
+    table = pd.read_csv(tmp_path / "tables" / "smoke" / "table1.csv").set_index("row")
+    natural = table.loc["natural"]
+    assert natural["n_seeds"] == 2
+    assert natural["clean_acc"] == pytest.approx(sum(r["clean_acc"] for r in records) / 2)
+    assert natural["aa_acc"] == pytest.approx(sum(r["aa_acc"] for r in records) / 2)
+    failed = sorted({c for r in records if r["checks"] != "ok" for c in r["checks"].split(",")})
+    assert natural["checks"] == (",".join(failed) or "ok") and natural["aa_n"] == 8
+    assert records[0]["clean_acc"] != records[1]["clean_acc"] and natural["clean_std"] > 0

@@ -29,7 +29,7 @@ SIZE = ["--arch", "cnn-small", "--set", "model_args.width=4", "--dataset", "cifa
         "--train-subset", "128", "--batch-size", "64", "--epochs", "2", "--eps", "8/255",
         "--eval-n", "16", "--set", "eval_steps=2", "--set", "monitor_n=8",
         "--set", "monitor_steps=1", "--set", "eval_batch=64", "--device", "cpu",
-        "--deterministic", "--scale", "smoke"]
+        "--set", "aa_n=0", "--deterministic", "--scale", "smoke"]
 METHOD = {
     "natural": ["--method", "natural"],
     "pgd_at": ["--method", "pgd_at", "--set", "method_args.steps=2"],
