@@ -33,7 +33,8 @@ def test_paper_row_runs_one_step(tmp_path, cifar_root, row):
     method = TABLE1.row(row)["method"]
     overrides = {"data_root": str(cifar_root), "results_dir": str(tmp_path), "max_steps": 1,
                  "batch_size": 2, "eval_n": 2, "eval_steps": 1, "monitor_n": 0,
-                 "eval_batch": 4, "device": "cpu"}
+                 "eval_batch": 4, "device": "cpu",
+                 "aa_n": 0, "eval_checks": False}  # evaluation is tested elsewhere
     if row == "aft_500k":
         overrides["pretrain"] = {"extra_data_path": str(cifar_root / "ti500k.pickle")}
     cfg = resolve_row(TABLE1, row, "paper", overrides=overrides,
