@@ -184,7 +184,7 @@ def pretrain_config(cfg: RunConfig) -> RunConfig:
         "deterministic",
         "results_dir", "eval_steps", "eval_alpha", "eval_n", "eval_batch", "monitor_n",
         "monitor_steps", "eps", "augment_pad", "augment_flip", "max_steps",
-        "precision", "channels_last", "compile")}
+        "precision", "channels_last", "compile", "eval_checks")}
     child = build_config(("natural recipe", recipe), ("AFT row", inherited),
                          ("no AutoAttack on a pre-training", {"aa_n": 0}),
                          ("pretrain", cfg.pretrain or {}), experiment="pretrain", row="pretrain",
