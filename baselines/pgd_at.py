@@ -20,7 +20,9 @@ is Madry's model as quoted by the Free-AT paper.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -45,15 +47,18 @@ class PGDSettings:
             raise ConfigError(f"bn_mode must be 'train' or 'eval', got '{self.bn_mode}'")
 
 
-def adversarial_epoch(ctx: Context, settings: PGDSettings) -> dict[str, float]:
-    """One epoch of PGD-k adversarial training; shared by `pgd_at` and AFT."""
+def adversarial_epoch(ctx: Context, settings: PGDSettings,
+                      attack: Callable[..., torch.Tensor] | None = None) -> dict[str, float]:
+    """One epoch of PGD-k adversarial training; shared by `pgd_at` and AFT (and by the
+    benchmark's reference-loop baseline, which passes its own `attack`; default attacks.pgd)."""
+    attack = attack or pgd
     model: nn.Module = ctx.model
     meter = Meter(ctx.device)
     alpha = ctx.eps / 4 if settings.alpha is None else settings.alpha
     for batch in ctx.loader:
         model.train(settings.bn_mode == "train")
-        x_adv = pgd(model, batch.x, batch.y, eps=ctx.eps, alpha=alpha, steps=settings.steps,
-                    random_start=settings.random_start)
+        x_adv = attack(model, batch.x, batch.y, eps=ctx.eps, alpha=alpha,
+                       steps=settings.steps, random_start=settings.random_start)
         model.train()
         logits = model(x_adv)
         loss = F.cross_entropy(logits, batch.y)

@@ -60,14 +60,15 @@ def _accuracy(model: nn.Module, batches: _Batches, *, eps: float, alpha: float,
               steps: int) -> dict[str, float]:
     """Clean and PGD-`steps` accuracy (%), the evaluation protocol: eval mode, one random start."""
     model.eval()
-    clean = robust = n = 0
+    clean = robust = 0  # device tensors after the first batch: one host sync at the end
+    n = 0
     for batch in batches:
         x_adv = pgd(model, batch.x, batch.y, eps=eps, alpha=alpha, steps=steps)
         with torch.no_grad():
-            clean += (model(batch.x).argmax(1) == batch.y).sum().item()
-            robust += (model(x_adv).argmax(1) == batch.y).sum().item()
+            clean = clean + (model(batch.x).argmax(1) == batch.y).sum()
+            robust = robust + (model(x_adv).argmax(1) == batch.y).sum()
         n += len(batch.y)
-    return {"clean_acc": 100.0 * clean / n, "pgd_acc": 100.0 * robust / n}
+    return {"clean_acc": 100.0 * float(clean) / n, "pgd_acc": 100.0 * float(robust) / n}
 
 
 def finetune(model: nn.Module, train_loader: Iterable[Any], *, epsilon: float = 8 / 255,

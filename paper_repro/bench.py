@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import re
 import time
 from collections import Counter
@@ -37,13 +38,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import attacks, fastpath, results
+from baselines.pgd_at import adversarial_epoch
+
+from . import fastpath, results
 from .attacks import LinfThreat
 from .config import RunConfig, build_config
 from .data import Augment, ArrayLoader, dataset_info
 from .errors import ConfigError
 from .flops import TotalFlopCounter
-from .methods import Context, Meter, Method, get_method
+from .methods import Context, Method, get_method
 from .schedules import make_schedule
 
 GRID_ARCHS = ("preact-resnet18", "wrn-28-10", "wrn-34-10")
@@ -138,8 +141,8 @@ def reference_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
                   alpha: float, steps: int, random_start: bool = True) -> torch.Tensor:
     """PGD-k as locuslab/fast_adversarial and Bag-of-Tricks `attack_pgd` compute it: a mean CE
     and `loss.backward()` with the parameters requiring grad, so each iteration also computes
-    (and accumulates into `.grad`) every weight gradient. Same update order and projection as
-    `attacks.pgd`, so both give the same adversarial examples; only the gradient call differs.
+    (and accumulates into `.grad`) every weight gradient. Same update order and projection as `attacks.pgd`, so both give the same
+    adversarial examples; only the gradient work differs.
     """
     threat = LinfThreat(eps)
     x = x.detach()
@@ -154,25 +157,13 @@ def reference_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
     return (x + delta).detach()
 
 
-def reference_pgd_epoch(ctx: Context, settings: Any) -> dict[str, float]:
-    """`pgd_at.adversarial_epoch` with `reference_pgd` as its attack."""
-    model, meter = ctx.model, Meter(ctx.device)
-    alpha = ctx.eps / 4 if settings.alpha is None else settings.alpha
-    for batch in ctx.loader:
-        model.train(settings.bn_mode == "train")
-        x_adv = reference_pgd(model, batch.x, batch.y, eps=ctx.eps, alpha=alpha,
-                              steps=settings.steps, random_start=settings.random_start)
-        for opt in ctx.optimizers:  # the attack's weight gradients must not reach the update
-            opt.zero_grad(set_to_none=True)
-        model.train()
-        logits = model(x_adv)
-        loss = F.cross_entropy(logits, batch.y)
-        loss.backward()
-        ctx.step()
-        meter.update(logits, batch.y, loss)
-        if ctx.done:
-            break
-    return meter.result()
+def reference_attack_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                          **pgd_args: Any) -> torch.Tensor:
+    """`reference_pgd`, then the references' zero_grad before the update (the attack's weight
+    gradients must not reach it): the attack of the baseline's `adversarial_epoch`."""
+    x_adv = reference_pgd(model, x, y, **pgd_args)
+    model.zero_grad(set_to_none=True)
+    return x_adv
 
 
 # --- the weight-gradient probe --------------------------------------------------------------
@@ -368,7 +359,8 @@ def measure(method: str, arch: str, batch: int, *, dataset: str = "cifar10",
     if compile:
         fastpath.prepare_model(model, cfg, dev)  # compiles in place; the rest is already done
     ours = bench.method.train_epoch
-    reference = lambda ctx: reference_pgd_epoch(ctx, bench.method.settings)  # noqa: E731
+    reference = functools.partial(adversarial_epoch, settings=bench.method.settings,
+                                  attack=reference_attack_step)
     contenders = [ours, reference] if baseline_loop else [ours]
     for epoch_fn in contenders:
         if warmup:
