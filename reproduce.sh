@@ -37,11 +37,11 @@ ensure_data() {
   fi
 }
 
-scale_flag() {  # the --scale S among a target's flags, for aggregate
+aggregate_flags() {  # the --scale S and --results-dir D among a target's flags, for aggregate
   while [ $# -gt 0 ]; do
     case "$1" in
-      --scale) echo "--scale ${2:-}"; return ;;
-      --scale=*) echo "$1"; return ;;
+      --scale|--results-dir) echo "$1 ${2:-}"; shift ;;
+      --scale=*|--results-dir=*) echo "$1" ;;
     esac
     shift
   done
@@ -63,13 +63,13 @@ case "$target" in
   fig3|fig5)  # drawn from Table 1's natural, PGD AT and AFT runs
     ensure_env; ensure_data
     "$PY" -m paper_repro sweep table1 "$@"
-    exec "$PY" -m paper_repro aggregate $(scale_flag "$@") ;;
+    exec "$PY" -m paper_repro aggregate $(aggregate_flags "$@") ;;
   all)
     ensure_env; ensure_data
     for experiment in table1 table2 table3 fig1 fig4; do
       "$PY" -m paper_repro sweep "$experiment" "$@"
     done
-    exec "$PY" -m paper_repro aggregate $(scale_flag "$@") ;;
+    exec "$PY" -m paper_repro aggregate $(aggregate_flags "$@") ;;
   aggregate)
     ensure_env
     exec "$PY" -m paper_repro aggregate "$@" ;;
