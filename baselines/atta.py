@@ -127,6 +127,7 @@ def inverse_augment(padded: torch.Tensor, crop: torch.Tensor, offsets: torch.Ten
 class ATTA(Method):
     name = "atta"
     Settings = ATTASettings
+    needs_arrays = True  # one stored perturbation per training image, indexed by Batch.index
     recipe = dict(
         arch="wrn-34-10", epochs=38, batch_size=64, drop_last=False, optimizer="sgd", lr=0.1,
         momentum=0.9, nesterov=False, weight_decay=2e-4, wd_scope="all", schedule="multistep",

@@ -302,6 +302,8 @@ def _print_lists() -> None:
     print("datasets:   ", ", ".join(list_datasets()))
     print("schedules:  ", ", ".join(sorted(SCHEDULES)))
     print("experiments:", ", ".join(list_experiments()))
+    print("--init:      torchvision:<name>[:<weights>], timm:<name>[:<file>], run:<run-path>, "
+          "or a checkpoint file (state dicts only)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -595,13 +595,15 @@ class _IndexedDataset(torch.utils.data.Dataset):
 class _ImageNetLoader:
     """A DataLoader that yields Batch and is seeded per epoch like ArrayLoader.
 
-    Batches stay on the CPU (pinned when CUDA is available); the caller moves them to the device.
+    Batches stay on the CPU (pinned when CUDA is available) unless `device` is given, then they
+    move there (non-blocking from pinned memory) as they are drawn.
     The shuffle order and the workers' base seed come from a generator reseeded from (seed, epoch);
     with workers=0 the transforms draw from torch's global RNG instead.
     """
 
-    def __init__(self, dataset, train: bool, batch_size: int, workers: int, distributed: bool, seed: int):
-        self.seed = seed
+    def __init__(self, dataset, train: bool, batch_size: int, workers: int, distributed: bool,
+                 seed: int, device: torch.device | None = None):
+        self.seed, self.batch_size, self.device = seed, batch_size, device
         self._epoch = 0
         self._generator = torch.Generator()
         self._generator.manual_seed(_epoch_seed(seed, 0))
@@ -640,7 +642,10 @@ class _ImageNetLoader:
         self._generator.manual_seed(_epoch_seed(self.seed, epoch))
         if isinstance(self.sampler, torch.utils.data.DistributedSampler):
             self.sampler.set_epoch(epoch)
-        return (Batch(x, y, index) for x, y, index in self.loader)
+        if self.device is None:
+            return (Batch(x, y, index) for x, y, index in self.loader)
+        return (Batch(*(t.to(self.device, non_blocking=True) for t in (x, y, index)))
+                for x, y, index in self.loader)
 
 
 def make_imagenet_loader(
@@ -651,33 +656,64 @@ def make_imagenet_loader(
     workers: int = 8,
     distributed: bool = False,
     seed: int = 0,
+    device: torch.device | None = None,
 ) -> Iterable[Batch]:
     """ImageFolder on <root>/train or <root>/val, yielding Batch of [0,1] images.
 
     train: RandomResizedCrop(224) + RandomHorizontalFlip; val: Resize(256) + CenterCrop(224).
     No Normalize: normalisation lives in the model. The result has set_epoch and __len__.
     """
-    import torchvision.datasets
     import torchvision.transforms as T
 
-    split = "train" if train else "val"
-    folder = os.path.join(root, split)
-    if not os.path.isdir(folder):
-        raise DataError(
-            f"imagenet: no {split}/ folder at {folder}; pass --data-root DIR where DIR/train and "
-            f"DIR/val hold one sub-folder of JPEGs per class (the ImageFolder layout)"
-        )
     if batch_size <= 0:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
     if train:
         transform = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor()])
     else:
         transform = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
+    dataset = _image_folder(root, "train" if train else "val", transform)
+    return _ImageNetLoader(dataset, train, batch_size, workers, distributed, seed, device)
+
+
+def _image_folder(root: str, split: str, transform: Callable):
+    """torchvision's ImageFolder on <root>/<split>; a missing or empty folder is a DataError."""
+    import torchvision.datasets
+
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise DataError(
+            f"imagenet: no {split}/ folder at {folder}; pass --data-root DIR where DIR/train and "
+            f"DIR/val hold one sub-folder of JPEGs per class (the ImageFolder layout)"
+        )
     try:
-        dataset = torchvision.datasets.ImageFolder(folder, transform=transform)
+        return torchvision.datasets.ImageFolder(folder, transform=transform)
     except (FileNotFoundError, OSError) as exc:  # no class folders, or no images in them
         raise DataError(
             f"imagenet: {folder} is not an ImageFolder ({_one_line(exc)}); it needs one sub-folder "
             f"of images per class"
         ) from exc
-    return _ImageNetLoader(dataset, train, batch_size, workers, distributed, seed)
+
+
+def image_folder_size(root: str, split: str) -> int:
+    """How many images <root>/<split> holds (a file listing; nothing is decoded)."""
+    return len(_image_folder(root, split, transform=None))
+
+
+def load_image_subset(
+    root: str, split: str, indices: torch.Tensor, *, workers: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode the images at `indices` of <root>/<split> once, with the evaluation transform
+    (Resize 256, CenterCrop 224), into uint8 [n, 3, 224, 224] and int64 labels: the fixed
+    evaluation and monitoring sets of a streamed dataset, held in memory like a CIFAR test set."""
+    import torchvision.transforms as T
+
+    transform = T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])
+    subset = torch.utils.data.Subset(_image_folder(root, split, transform), indices.tolist())
+    loader = torch.utils.data.DataLoader(subset, batch_size=64, num_workers=workers)
+    images, labels = [], []
+    for x, y in loader:
+        images.append(x)
+        labels.append(y)
+    if not images:
+        return torch.zeros((0, 3, 224, 224), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(images).contiguous(), torch.cat(labels).to(torch.int64)

@@ -173,6 +173,7 @@ class Method:
     Settings: ClassVar[type] = NoSettings
     recipe: ClassVar[dict[str, Any]] = {}
     fine_tunes: ClassVar[bool] = False  # starts from a pre-training run (`pretrain`) or `init`
+    needs_arrays: ClassVar[bool] = False  # reads the in-memory training set (not streamed data)
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

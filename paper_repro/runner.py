@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from . import fastpath, faults, results
 from .config import EVALUATION_FIELDS, RunConfig, build_config
-from .data import Augment, ArrayLoader, DatasetInfo, dataset_info, load_arrays, load_ti500k
+from .data import (Augment, ArrayLoader, DatasetInfo, dataset_info, image_folder_size,
+                   load_arrays, load_image_subset, load_ti500k, make_imagenet_loader)
 from .distributed import DataParallel, init_from_environment
 from .errors import CheckpointError, ConfigError, ReproError
 from .evaluation import AA_VERSION, clean_accuracy, evaluate, fixed_subset, pgd_accuracy
@@ -73,19 +74,33 @@ def seed_epoch(cfg: RunConfig, epoch: int, rank: int = 0) -> None:
 
 @dataclass
 class Data:
+    """A run's images. In-memory datasets hold their whole train and test splits here; a
+    streamed one (ImageNet) holds only its fixed evaluation subset of val (`test_*`) and its
+    monitoring subset of train (`train_*`), and its training batches stream from `stream_root`."""
+
     info: DatasetInfo
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    stream_root: str | None = None
+    stream_train_n: int = 0
+
+    @property
+    def num_train(self) -> int:
+        return self.stream_train_n if self.stream_root else len(self.train_y)
+
+
+def stream_workers() -> int:
+    """Decoding processes of a streamed dataset ($REPRO_WORKERS, default up to 8)."""
+    return int(os.environ.get("REPRO_WORKERS") or min(8, os.cpu_count() or 1))
 
 
 def load_data(cfg: RunConfig) -> Data:
     """Train (the labelled subset, plus extra data for pre-training) and test arrays."""
     info = dataset_info(cfg.dataset)
     if not info.in_memory:
-        raise ConfigError(f"dataset '{cfg.dataset}' streams from disk; the runner supports "
-                          "in-memory datasets (cifar10, cifar100, fashion-mnist) so far")
+        return load_streamed_data(cfg, info)
     train_x, train_y = load_arrays(cfg.dataset, cfg.data_root, train=True)
     test_x, test_y = load_arrays(cfg.dataset, cfg.data_root, train=False)
     order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(_DATA_SEED))
@@ -106,6 +121,50 @@ def load_data(cfg: RunConfig) -> Data:
         extra_x, extra_y = load_ti500k(cfg.extra_data_path)
         x, y = torch.cat([x, extra_x]), torch.cat([y, extra_y])
     return Data(info, x.contiguous(), y.contiguous(), test_x, test_y)
+
+
+def load_streamed_data(cfg: RunConfig, info: DatasetInfo) -> Data:
+    """ImageNet: the training set streams from <data_root>/train through worker processes;
+    the evaluation images (a fixed subset of eval_n val images, the same for every row) and the
+    monitoring images (monitor_n train images) are decoded once with the evaluation transform."""
+    for key, bad in (("train_subset", cfg.train_subset is not None),
+                     ("extra_data", cfg.extra_data is not None)):
+        if bad:
+            raise ConfigError(f"{key} is not supported for the streamed dataset "
+                              f"'{cfg.dataset}' (it trains on the whole train/ folder)")
+    root = cfg.data_root or os.environ.get("REPRO_DATA") or "data"
+    workers = stream_workers()
+    n_train = image_folder_size(root, "train")
+    n_val = image_folder_size(root, "val")
+    test_x, test_y = load_image_subset(root, "val", fixed_subset(n_val, cfg.eval_n),
+                                       workers=workers)
+    train_x, train_y = load_image_subset(root, "train",
+                                         fixed_subset(n_train, cfg.monitor_n),
+                                         workers=workers)
+    return Data(info, train_x, train_y, test_x, test_y, stream_root=root, stream_train_n=n_train)
+
+
+def load_test_set(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images the final evaluation sees (re-evaluation reads only these)."""
+    info = dataset_info(cfg.dataset)
+    if info.in_memory:
+        return load_arrays(cfg.dataset, cfg.data_root, train=False)
+    root = cfg.data_root or os.environ.get("REPRO_DATA") or "data"
+    return load_image_subset(root, "val", fixed_subset(image_folder_size(root, "val"),
+                                                       cfg.eval_n), workers=stream_workers())
+
+
+def train_loader(cfg: RunConfig, data: Data, device: torch.device) -> Any:
+    """Seeded minibatches on the device: batched crop/flip on in-memory arrays (ArrayLoader),
+    or ImageNet's RandomResizedCrop + flip decoded by worker processes."""
+    if data.stream_root is not None:
+        return make_imagenet_loader(data.stream_root, True, cfg.batch_size,
+                                    workers=stream_workers(), seed=cfg.seed, device=device)
+    return ArrayLoader(data.train_x, data.train_y, batch_size=cfg.batch_size, shuffle=True,
+                       augment=Augment(pad=cfg.augment_pad, pad_mode=cfg.augment_pad_mode,
+                                       pad_value=cfg.augment_pad_value, flip=cfg.augment_flip),
+                       drop_last=cfg.drop_last and len(data.train_y) >= cfg.batch_size,
+                       device=device, seed=cfg.seed)
 
 
 def pseudo_labels(cfg: RunConfig, info: DatasetInfo, images: torch.Tensor) -> torch.Tensor:
@@ -198,6 +257,12 @@ def ensure_pretrained(cfg: RunConfig) -> Path:
     directory = results.run_dir(cfg.results_dir, path)
     if not results.is_done(directory):
         train(cfg, run_path=path)
+    elif not (directory / "checkpoint.pt").is_file():
+        # a fresh clone: the records are committed, the weights never are
+        raise CheckpointError(
+            f"pre-training run {path} is done but its checkpoint.pt is not in {directory} "
+            "(checkpoints are not kept in git): copy it back, or move that folder away to train "
+            "the pre-training again (runs already fine-tuned from it keep their records)")
     return directory
 
 
@@ -219,8 +284,8 @@ def hardware() -> dict[str, Any]:
     return info
 
 
-def code_version() -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
+def code_version(root: Path = Path(__file__).resolve().parent.parent) -> dict[str, Any]:
+    """The checkout's commit and whether its code differs from it (results/ aside)."""
 
     def git(*args: str) -> str:
         try:
@@ -232,7 +297,9 @@ def code_version() -> dict[str, Any]:
     import numpy
     import torchvision
     return {"git_sha": git("rev-parse", "HEAD") or "unknown",
-            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            # the code's state: runs written into results/ do not make the code dirty
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":(exclude)results")),
             "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "numpy": numpy.__version__,
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
@@ -306,6 +373,9 @@ def _train(cfg: RunConfig, *, run_path: str | None, resume: bool, quiet: bool,
     if method_cls.fine_tunes and cfg.pretrain is None and not cfg.init:
         raise ConfigError(f"method '{cfg.method}' fine-tunes: set init (a checkpoint or "
                           "run:<run-path>) or pretrain")
+    if method_cls.needs_arrays and not dataset_info(cfg.dataset).in_memory:
+        raise ConfigError(f"method '{cfg.method}' keeps state for every training image in "
+                          f"memory; dataset '{cfg.dataset}' streams from disk")
     method: Method = method_cls(cfg)
     set_determinism(cfg)
     device = parallel.device
@@ -327,20 +397,14 @@ def _train(cfg: RunConfig, *, run_path: str | None, resume: bool, quiet: bool,
     model.to(device)
     fastpath.prepare_model(model, cfg, device)
     optimizers = method.make_optimizers(model)
-    loader = ArrayLoader(data.train_x, data.train_y, batch_size=cfg.batch_size, shuffle=True,
-                         augment=Augment(pad=cfg.augment_pad, pad_mode=cfg.augment_pad_mode,
-                                         pad_value=cfg.augment_pad_value,
-                                         flip=cfg.augment_flip),
-                         drop_last=cfg.drop_last and len(data.train_y) >= cfg.batch_size,
-                         device=device, seed=cfg.seed)
-    loader = parallel.shard(loader)  # this rank's slice of every global batch
+    loader = parallel.shard(train_loader(cfg, data, device))  # this rank's slice of every global batch
     steps_per_epoch = method.optimizer_steps_per_epoch(len(loader))
     schedule = make_schedule(cfg.schedule, base_lr=cfg.lr, epochs=cfg.epochs,
                              **cfg.schedule_args)
     # evaluation images move to the device once, not batch by batch every epoch
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
     test_idx = fixed_subset(len(test_y), cfg.monitor_n)
-    train_idx = fixed_subset(len(data.train_y), cfg.monitor_n)
+    train_idx = fixed_subset(len(data.train_y), cfg.monitor_n)  # streamed: all of them
     monitor = MonitorSets(test_x, test_y, test_x[test_idx], test_y[test_idx],
                           data.train_x[train_idx].to(device), data.train_y[train_idx].to(device))
 
@@ -441,7 +505,7 @@ def _train(cfg: RunConfig, *, run_path: str | None, resume: bool, quiet: bool,
         "pretrain_source": init_source, "init_note": init_note or None,
         "pretrain_minutes": (pretrain_record or {}).get("train_minutes"),
         "pretrain_flops": (pretrain_record or {}).get("train_flops"),
-        "train_images": int(len(data.train_y)),
+        "train_images": data.num_train,
         "eps": cfg.eps, "train_eps": cfg.train_eps if cfg.train_eps is not None else cfg.eps,
         "eval_alpha": cfg.eval_alpha_value,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -483,7 +547,7 @@ def reevaluate(cfg: RunConfig, directory: Path, record: dict[str, Any]) -> dict[
                               "checkpoint.pt to evaluate: copy the checkpoint back, or set "
                               "aa_n=0 and eval_checks=false to take the record as it is")
     device = resolve_device(cfg.device)
-    test_x, test_y = load_arrays(cfg.dataset, cfg.data_root, train=False)
+    test_x, test_y = load_test_set(cfg)
     model = build_model(cfg, dataset_info(cfg.dataset))
     load_weights(model, directory / "checkpoint.pt")
     model.to(device)

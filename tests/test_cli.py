@@ -82,3 +82,11 @@ def test_help_lists_the_subcommands():
     assert proc.returncode == 0
     for sub in ("run", "finetune", "sweep", "table", "aggregate"):
         assert sub in proc.stdout
+
+
+def test_list_names_every_registry_and_the_init_forms(capsys):
+    assert cli.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("aft", "atta", "preact-resnet18", "fashion-mnist", "imagenet", "table3", "fig4",
+                 "torchvision:<name>", "timm:<name>", "run:<run-path>"):
+        assert name in out, name

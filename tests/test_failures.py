@@ -270,6 +270,24 @@ def test_every_record_says_where_it_came_from(tmp_path, cifar_root):
     assert stored["config_hash"] == cfg.config_hash()
 
 
+def test_the_dirty_flag_is_about_the_code_not_the_results_store(tmp_path):
+    """A sweep writes into results/ as it goes; only a changed code file makes a record say
+    its code was not the commit's."""
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "record.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    (tmp_path / "results" / "record.json").write_text('{"status": "done"}')
+    assert runner.code_version(tmp_path)["git_dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert runner.code_version(tmp_path)["git_dirty"] is True
+
+
 def test_aggregate_refuses_to_mix_configs_in_one_cell(tmp_path, capsys):
     for seed, cell in ((0, "c1"), (1, "c2")):
         directory = results.run_dir(tmp_path, f"smoke/table1/pgd_at/seed{seed}")

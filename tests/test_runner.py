@@ -82,6 +82,20 @@ def test_aft_pretraining_is_reused_by_config_hash(tmp_path):
     assert (pretrain_dirs[0] / "record.json").stat().st_mtime_ns == mtime  # not retrained
 
 
+def test_a_done_pretraining_without_its_checkpoint_says_how_to_recover(tmp_path):
+    """A fresh clone holds the committed records but no checkpoint.pt: a new fine-tuning
+    from that pre-training stops with one line and leaves the committed record alone."""
+    runner.train(tiny_config(tmp_path, method="aft", pretrain={"epochs": 1}), quiet=True)
+    (pretrain,) = (tmp_path / "runs" / "smoke" / "pretrain").iterdir()
+    (pretrain / "checkpoint.pt").unlink()
+    before = (pretrain / "record.json").read_bytes()
+    cfg = tiny_config(tmp_path, method="aft", pretrain={"epochs": 1}, experiment="other")
+    with pytest.raises(CheckpointError, match="is done but its checkpoint.pt is not in"):
+        runner.train(cfg, quiet=True)
+    assert (pretrain / "record.json").read_bytes() == before
+    assert not results.run_dir(cfg.results_dir, cfg.run_path).exists()
+
+
 def test_a_different_config_never_overwrites_a_run(tmp_path):
     runner.train(tiny_config(tmp_path), quiet=True)
     with pytest.raises(ReproError, match="another config"):

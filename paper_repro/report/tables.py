@@ -174,10 +174,10 @@ def display_frame(df: pd.DataFrame, time_unit: str = "min") -> pd.DataFrame:
         "Paper PGD": df["paper_pgd"].map(_num),
         "Paper time": [f"{_num(v, 0)} {u}" if _num(v, 0) else "" for v, u in
                        zip(df["paper_time"], df["paper_time_unit"])],
-        "Checks": df["checks"].fillna(""),
+        "Checks": df["checks"].astype(object).fillna(""),  # all-NaN (float) when no run has checks
         "Status": df["status"],
     })
-    failed = ~df["checks"].fillna("").isin(["", "ok", UNCHECKED])
+    failed = ~df["checks"].astype(object).fillna("").isin(["", "ok", UNCHECKED])
     out.loc[failed, "Method"] = out.loc[failed, "Method"] + " †"  # never shown silently
     if "diff_clean" in df:
         out.insert(12, "Δ clean", df["diff_clean"].map(_num))
