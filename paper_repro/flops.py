@@ -18,7 +18,7 @@ class TotalFlopCounter(FlopCounterMode):
 
     def __enter__(self) -> "TotalFlopCounter":
         self.flop_counts.clear()
-        getattr(self, "_unsupported_ops", {}).clear()  # torch >= 2.15 keeps a list of ops without a formula
+        getattr(self, "_unsupported_ops", {}).clear()  # kept by some torch versions only
         self.mode = _FlopCounterMode(self)
         self.mode.__enter__()
         return self

@@ -132,15 +132,11 @@ def load_streamed_data(cfg: RunConfig, info: DatasetInfo) -> Data:
         if bad:
             raise ConfigError(f"{key} is not supported for the streamed dataset "
                               f"'{cfg.dataset}' (it trains on the whole train/ folder)")
-    root = cfg.data_root or os.environ.get("REPRO_DATA") or "data"
-    workers = stream_workers()
-    n_train = image_folder_size(root, "train")
-    n_val = image_folder_size(root, "val")
-    test_x, test_y = load_image_subset(root, "val", fixed_subset(n_val, cfg.eval_n),
-                                       workers=workers)
-    train_x, train_y = load_image_subset(root, "train",
-                                         fixed_subset(n_train, cfg.monitor_n),
-                                         workers=workers)
+    root = _stream_root(cfg)
+    n_train = image_folder_size(root, "train")  # a listing of the folder; nothing decoded
+    test_x, test_y = load_test_set(cfg)
+    train_x, train_y = load_image_subset(root, "train", fixed_subset(n_train, cfg.monitor_n),
+                                         workers=stream_workers())
     return Data(info, train_x, train_y, test_x, test_y, stream_root=root, stream_train_n=n_train)
 
 
@@ -149,9 +145,13 @@ def load_test_set(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
     info = dataset_info(cfg.dataset)
     if info.in_memory:
         return load_arrays(cfg.dataset, cfg.data_root, train=False)
-    root = cfg.data_root or os.environ.get("REPRO_DATA") or "data"
+    root = _stream_root(cfg)
     return load_image_subset(root, "val", fixed_subset(image_folder_size(root, "val"),
                                                        cfg.eval_n), workers=stream_workers())
+
+
+def _stream_root(cfg: RunConfig) -> str:
+    return cfg.data_root or os.environ.get("REPRO_DATA") or "data"
 
 
 def train_loader(cfg: RunConfig, data: Data, device: torch.device) -> Any:
@@ -397,7 +397,7 @@ def _train(cfg: RunConfig, *, run_path: str | None, resume: bool, quiet: bool,
     model.to(device)
     fastpath.prepare_model(model, cfg, device)
     optimizers = method.make_optimizers(model)
-    loader = parallel.shard(train_loader(cfg, data, device))  # this rank's slice of every global batch
+    loader = parallel.shard(train_loader(cfg, data, device))  # this rank's slice of each batch
     steps_per_epoch = method.optimizer_steps_per_epoch(len(loader))
     schedule = make_schedule(cfg.schedule, base_lr=cfg.lr, epochs=cfg.epochs,
                              **cfg.schedule_args)

@@ -157,11 +157,16 @@ def _sci(value: Any) -> str:
     return f"{float(value):.3g}" if text else ""
 
 
+def _text(column: pd.Series) -> pd.Series:
+    """A text column with empty cells for missing values (an all-missing column is float)."""
+    return column.astype(object).fillna("")
+
+
 def display_frame(df: pd.DataFrame, time_unit: str = "min") -> pd.DataFrame:
     """The human-readable table: text cells, ours beside the paper's; times in the paper's unit."""
     per, unit, digits = (60.0, "h", 3) if time_unit in ("h", "hours") else (1.0, "min", 2)
     out = pd.DataFrame({
-        "Method": df["method"], "Arch": df["arch"].fillna(""),
+        "Method": df["method"], "Arch": _text(df["arch"]),
         "Clean": [_pm(m, s) for m, s in zip(df["clean_acc"], df["clean_std"])],
         "PGD": [_pm(m, s) for m, s in zip(df["pgd_acc"], df["pgd_std"])],
         "AA": [_pm(m, s) for m, s in zip(df["aa_acc"], df["aa_std"])],
@@ -169,15 +174,15 @@ def display_frame(df: pd.DataFrame, time_unit: str = "min") -> pd.DataFrame:
         f"Pre-train ({unit})": (df["pretrain_minutes"] / per).map(lambda v: _num(v, digits)),
         "Cost (PFLOP)": df["cost_pflop"].map(_sci),
         "Seeds": df["n_seeds"],
-        "Paper arch": df["paper_arch"].fillna(""),
+        "Paper arch": _text(df["paper_arch"]),
         "Paper clean": df["paper_clean"].map(_num),
         "Paper PGD": df["paper_pgd"].map(_num),
         "Paper time": [f"{_num(v, 0)} {u}" if _num(v, 0) else "" for v, u in
                        zip(df["paper_time"], df["paper_time_unit"])],
-        "Checks": df["checks"].astype(object).fillna(""),  # all-NaN (float) when no run has checks
+        "Checks": _text(df["checks"]),
         "Status": df["status"],
     })
-    failed = ~df["checks"].astype(object).fillna("").isin(["", "ok", UNCHECKED])
+    failed = ~_text(df["checks"]).isin(["", "ok", UNCHECKED])
     out.loc[failed, "Method"] = out.loc[failed, "Method"] + " †"  # never shown silently
     if "diff_clean" in df:
         out.insert(12, "Δ clean", df["diff_clean"].map(_num))
