@@ -16,7 +16,7 @@ from .config import RunConfig, build_config, load_experiment, resolve_row
 from .models import create_model, list_models
 from .pretrained import load_pretrained
 from .results import load
-from .runner import train
+from .local import train
 from .schedules import make_schedule
 
 __all__ = ["RunConfig", "build_config", "load_experiment", "resolve_row", "train", "finetune",

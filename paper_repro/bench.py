@@ -113,7 +113,8 @@ class Bench:
 
 def make_bench(cfg: RunConfig, steps: int, seed: int = 0) -> Bench:
     """Model, method and `steps` minibatches of synthetic data of the dataset's shape."""
-    from .runner import build_model, resolve_device, set_determinism
+    from .environment import resolve_device, set_determinism
+    from .models import build_model
 
     device = resolve_device(cfg.device)
     set_determinism(cfg)  # cuDNN autotuning on (the default for non-deterministic runs)
@@ -310,7 +311,7 @@ class GemmPeak:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from .runner import hardware
+    from .provenance import hardware
     threads = torch.get_num_threads()
     return f"cpu: {hardware()['cpu']} ({threads} thread{'s' if threads > 1 else ''})"
 
@@ -486,7 +487,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from .config import parse_override
-    from .runner import resolve_device
+    from .environment import resolve_device
 
     model_args: dict[str, Any] = {}
     for text in args.set:

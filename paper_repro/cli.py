@@ -79,7 +79,7 @@ def _recipe(method: str) -> dict[str, Any]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import build_config
-    from .runner import train
+    from .local import train
 
     if args.experiment:
         args.rows = args.row
@@ -148,7 +148,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"follow them with: python -m paper_repro status {args.experiment} "
               f"--scale {args.scale or 'paper'}")
         return 0
-    from .runner import train
+    from .local import train
 
     args.scale = args.scale or _default_scale()
     for cfg in _experiment_configs(args, args.experiment, args.scale):  # all validated first

@@ -128,7 +128,9 @@ class ShardedLoader:
     """Rank r's contiguous slice of every global batch of `loader` (same seed on every rank).
 
     A last partial batch with fewer examples than ranks is skipped on every rank (a rank with
-    no examples has no mean loss); with drop_last (the default) there is none.
+    no examples has no mean loss); with drop_last (the default) there is none. A loader that
+    already yields only this rank's slice (`shards_batches`: streamed data, where each rank
+    decodes only its own images) is passed through; only the slice sizes are recorded.
     """
 
     def __init__(self, loader: Any, parallel: "DataParallel") -> None:
@@ -142,6 +144,11 @@ class ShardedLoader:
 
     def __iter__(self) -> Iterator[Any]:
         rank, world_size = self.parallel.world.rank, self.parallel.world.world_size
+        if getattr(self.loader, "shards_batches", False):
+            for i, batch in enumerate(self.loader):
+                self.parallel.sizes = split_sizes(self._batch_len(i), world_size)
+                yield batch
+            return
         for batch in self.loader:
             sizes = split_sizes(len(batch.y), world_size)
             if sizes[-1] == 0:

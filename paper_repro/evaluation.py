@@ -27,14 +27,22 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
+from . import results
 from .attacks import frozen_parameters, pgd
-
-_SUBSET_SEED = 20201224  # fixed: every run, every method evaluates the same images
+from .checkpoints import load_weights
+from .config import EVALUATION_FIELDS, RunConfig
+from .data import dataset_info
+from .data.splits import fixed_subset, load_test_set  # the same fixed images for every run
+from .environment import resolve_device
+from .errors import CheckpointError
+from .models import build_model
+from .provenance import code_version, hardware
 
 # AutoAttack
 AA_PACKAGE = "pyautoattack"
@@ -50,17 +58,6 @@ CHECK_NAMES = ("order_clean_fgsm", "order_fgsm_pgd", "order_pgd_aa", "pgd100", "
 
 Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(images in [0,1], labels) -> adversarial images."""
-
-
-def fixed_subset(total: int, n: int | None) -> torch.Tensor:
-    """Indices of n images drawn once, independent of the run's seed.
-
-    The first n of one fixed permutation (sorted): a smaller subset is part of a larger one.
-    """
-    if n is None or n >= total:
-        return torch.arange(total)
-    g = torch.Generator().manual_seed(_SUBSET_SEED)
-    return torch.randperm(total, generator=g)[:n].sort().values
 
 
 def _batches(images: torch.Tensor, labels: torch.Tensor, batch: int, device: torch.device):
@@ -225,3 +222,56 @@ def _package_version(name: str) -> str:
         return f"{name} {version(name)}"
     except PackageNotFoundError:
         return name
+
+
+# --- a run's final evaluation, and the same again for a done run -----------------------------
+
+def final_evaluation(model: nn.Module, test_x: torch.Tensor, test_y: torch.Tensor,
+                     cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """The table protocol with the run's evaluation settings."""
+    return evaluate(model, test_x, test_y, eps=cfg.eps, alpha=cfg.eval_alpha_value,
+                    steps=cfg.eval_steps, n=cfg.eval_n, batch=cfg.eval_batch, device=device,
+                    seed=cfg.seed, aa_n=cfg.aa_n, checks=cfg.eval_checks)
+
+
+def missing_evaluation(cfg: RunConfig, record: dict[str, Any]) -> bool:
+    """Does the config ask a done run for an evaluation its record lacks (checks, AutoAttack,
+    or AutoAttack on another number of images)?"""
+    if cfg.eval_checks and "checks" not in record:
+        return True
+    if cfg.aa_n == 0:
+        return False
+    eval_n = int(record.get("eval_n") or 0)
+    wanted = eval_n if cfg.aa_n is None else min(cfg.aa_n, eval_n)
+    return (record.get("aa_acc") is None or record.get("aa_n") != wanted
+            or record.get("aa_version") != AA_VERSION)
+
+
+def reevaluate(cfg: RunConfig, directory: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate a done run again from its checkpoint.pt, training nothing, and update its record
+    (atomically). Only record.json and config.json's evaluation fields change; clean and PGD
+    numbers that come out different (a non-deterministic device) keep their old values in
+    `previous_eval`."""
+    if not (directory / "checkpoint.pt").is_file():
+        raise CheckpointError(f"{directory} is done but its record lacks the evaluation asked "
+                              "for (AutoAttack on aa_n images, checks) and it has no "
+                              "checkpoint.pt to evaluate: copy the checkpoint back, or set "
+                              "aa_n=0 and eval_checks=false to take the record as it is")
+    device = resolve_device(cfg.device)
+    test_x, test_y = load_test_set(cfg)
+    model = build_model(cfg, dataset_info(cfg.dataset))
+    load_weights(model, directory / "checkpoint.pt")
+    model.to(device)
+    t_eval = time.perf_counter()
+    final = final_evaluation(model, test_x.to(device), test_y.to(device), cfg, device)
+    previous = {k: record[k] for k in ("clean_acc", "pgd_acc") if record.get(k) != final[k]}
+    updated = {**record, **final, "eval_time_s": round(time.perf_counter() - t_eval, 3),
+               "reevaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "reevaluated_code": code_version(), "reevaluated_hardware": hardware()}
+    if previous:
+        updated["previous_eval"] = previous
+    config = results.read_json(directory / "config.json") or {}
+    results.atomic_write_json(directory / "config.json",
+                              {**config, **{k: getattr(cfg, k) for k in EVALUATION_FIELDS}})
+    results.write_record(directory, updated)
+    return updated

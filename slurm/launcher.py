@@ -15,8 +15,8 @@ Why it is shaped this way (DESIGN §10):
   (squeue for live jobs, sacct for finished ones) rather than trusted.
 - A run that needs another run first (AFT needs its natural pre-training, self-training
   pre-training needs its teacher) gets that run as its own job, once per config hash however
-  many rows share it, and waits for it with `--dependency=afterok`: the runner would otherwise
-  train it inline in every job that needs it, concurrently, into the same folder.
+  many rows share it, and waits for it with `--dependency=afterok`. The graph is the one the
+  local path walks (paper_repro/pipeline.py); the runner never trains a prerequisite itself.
 - submitit is imported only when a job is built or submitted: the CLI imports this module for
   its flags, and training must not depend on submitit.
 """
@@ -39,6 +39,7 @@ from paper_repro.errors import ReproError
 
 if TYPE_CHECKING:
     from paper_repro.config import RunConfig
+    from paper_repro.pipeline import PlannedRun
 
 LEDGER = "slurm.json"
 START_HINT = 'eval "$(sudo slurm/cluster/start.sh)"'
@@ -145,51 +146,18 @@ def __getattr__(name: str) -> Any:
 
 # --- planning: which runs, in which order ---------------------------------------------------------
 
-@dataclass
-class _Run:
-    cfg: RunConfig
-    run_path: str
-    directory: Path
-    needs: list[Path]           # run dirs that must be done first
-
-
 def _absolute(cfg: RunConfig) -> RunConfig:
     """Jobs may start in another directory: pin the store to an absolute path (results_dir is
     an execution field, so the config hash does not change)."""
     return dataclasses.replace(cfg, results_dir=str(Path(cfg.results_dir).resolve()))
 
 
-def _prerequisites(cfg: RunConfig) -> list[tuple[RunConfig, str]]:
-    """Runs that `train(cfg)` would otherwise train inline before its own first epoch:
-    AFT's natural pre-training (runner.resolve_init) and the teacher of self-training
-    pre-training (runner.pseudo_labels). Both are stored by config hash."""
-    from paper_repro.runner import pretrain_config, teacher_config
+def _plan(configs: Sequence[RunConfig]) -> dict[Path, PlannedRun]:
+    """Every run of the sweep and, first, every run it needs: the one graph of
+    paper_repro/pipeline.py, which the local path trains in the same order."""
+    from paper_repro.pipeline import plan
 
-    out = []
-    if cfg.init is None and cfg.pretrain is not None:
-        pre = pretrain_config(cfg)
-        out.append((pre, results.pretrain_path(pre.scale, pre.config_hash())))
-    if cfg.extra_data == "pseudo-label":
-        teacher = teacher_config(cfg)
-        out.append((teacher, results.pretrain_path(teacher.scale, teacher.config_hash())))
-    return out
-
-
-def _plan(configs: Sequence[RunConfig]) -> dict[Path, _Run]:
-    """Every run of the sweep and, first, every run it needs (depth first, deduplicated)."""
-    runs: dict[Path, _Run] = {}
-
-    def visit(cfg: RunConfig, run_path: str) -> Path:
-        directory = results.run_dir(cfg.results_dir, run_path)
-        if directory not in runs:
-            needs = [visit(c, p) for c, p in _prerequisites(cfg)]
-            runs[directory] = _Run(cfg, run_path, directory, needs)
-        return directory
-
-    for cfg in configs:
-        cfg = _absolute(cfg)
-        visit(cfg, cfg.run_path)
-    return runs
+    return plan([_absolute(cfg) for cfg in configs])
 
 
 # --- the scheduler's view ---------------------------------------------------------------------
@@ -282,7 +250,7 @@ def _executor(options: ExecutorOptions, folder: Path, name: str, after: Sequence
     return executor
 
 
-def _submit_array(options: ExecutorOptions, folder: Path, name: str, group: list[_Run],
+def _submit_array(options: ExecutorOptions, folder: Path, name: str, group: list[PlannedRun],
                   after: Sequence[str]) -> list[Any]:
     """One job array (a single job if the group has one run), all waiting for `after`."""
     import submitit
@@ -353,7 +321,7 @@ def submit_sweep(configs: Sequence[RunConfig],
         if not ready:  # cannot happen with a tree of prerequisites; guards against a loop
             raise ReproError("circular prerequisites among: "
                              + ", ".join(r.run_path for r in todo))
-        groups: dict[tuple[str, ...], list[_Run]] = {}
+        groups: dict[tuple[str, ...], list[PlannedRun]] = {}
         for run in ready:
             after = tuple(sorted({job_of[n] for n in run.needs if n in job_of}))
             groups.setdefault(after, []).append(run)

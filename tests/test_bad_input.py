@@ -202,7 +202,7 @@ def test_bad_input_is_one_line_and_touches_nothing(world, case, argv, message, c
     if case.startswith("slurm"):
         monkeypatch.setenv("PATH", str(world["bad"]))  # no srun anywhere
     if case == "fashion-idx-truncated":  # the Debian copy must not stand in for the bad one
-        monkeypatch.setattr("paper_repro.data.FASHION_MNIST_DEBIAN_DIR", str(world["bad"]))
+        monkeypatch.setattr("paper_repro.data.idx.FASHION_MNIST_DEBIAN_DIR", str(world["bad"]))
     stores = [world["store"], world["ro"]]
     before = [_snapshot(s) for s in stores]
     if case == "results-read-only":

@@ -1,4 +1,4 @@
-"""Tests for paper_repro/data.py: readers of the real on-disk formats, and the ArrayLoader's
+"""Tests for paper_repro/data/: readers of the real on-disk formats, and the ArrayLoader's
 determinism and augmentation. Every file is written under tmp_path."""
 
 import gzip
@@ -229,7 +229,7 @@ def test_fashion_mnist_missing_everywhere_lists_searched_paths(tmp_path, monkeyp
     empty = tmp_path / "empty"
     empty.mkdir()
     nowhere = str(tmp_path / "no-debian-package")
-    monkeypatch.setattr(data, "FASHION_MNIST_DEBIAN_DIR", nowhere)
+    monkeypatch.setattr(data.idx, "FASHION_MNIST_DEBIAN_DIR", nowhere)
     with pytest.raises(DataError) as err:
         data.load_arrays("fashion-mnist", str(empty), train=True)
     msg = str(err.value)
@@ -240,13 +240,13 @@ def test_fashion_mnist_missing_everywhere_lists_searched_paths(tmp_path, monkeyp
 def test_fashion_mnist_found_via_repro_data(tmp_path, monkeypatch):
     _write_fashion(tmp_path / "shared", "train")
     (tmp_path / "empty").mkdir()
-    monkeypatch.setattr(data, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr(data.idx, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "none"))
     monkeypatch.setenv("REPRO_DATA", str(tmp_path / "shared"))
     x, _ = data.load_arrays("fashion-mnist", str(tmp_path / "empty"), train=True)
     assert x.shape == (6, 1, 28, 28)
 
 
-@pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DEBIAN_DIR),
+@pytest.mark.skipif(not os.path.isdir(data.idx.FASHION_MNIST_DEBIAN_DIR),
                     reason="Debian package dataset-fashion-mnist is not installed")
 def test_fashion_mnist_real_test_split_from_debian_package(tmp_path):
     x, y = data.load_arrays("fashion-mnist", str(tmp_path), train=False)
@@ -418,7 +418,7 @@ def test_crop_matches_slow_reference_at_recovered_offsets():
     images, labels = _arrays(n=9, size=6)
     aug = Augment(pad=4)
     loader = ArrayLoader(images, labels, batch_size=4, shuffle=False, augment=aug, seed=2)
-    gen = torch.Generator().manual_seed(data._epoch_seed(2, 0))
+    gen = torch.Generator().manual_seed(data.loader.epoch_seed(2, 0))
     offsets = torch.randint(0, 9, (9, 2), generator=gen)  # the loader's draw order without shuffle
     for b in _epoch(loader, 0):
         for x, i in zip(b.x, b.index):

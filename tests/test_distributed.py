@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from paper_repro import results, runner
+from paper_repro.pretrained import safe_load
 from paper_repro.distributed import DataParallel, World, init_from_environment, split_sizes
 from paper_repro.errors import ReproError
 from conftest import tiny_config
@@ -206,7 +207,7 @@ def test_methods_with_several_backward_passes_stay_in_sync(two_ranks, method):
         # rank 0's store holds the attacked image of EVERY training image, also those rank 1
         # trained on (gathered): the fresh store's 0.001-noise leaves some pixels < 0, an
         # attacked image is in [0, 1]. Rows/columns 8..27 lie in every crop window (pad 4).
-        adv = runner.safe_load(directory / "checkpoint.pt")["method"]["adv"]
+        adv = safe_load(directory / "checkpoint.pt")["method"]["adv"]
         assert adv.shape[0] == 128
         assert (adv[:, :, 8:28, 8:28].flatten(1).min(1).values >= 0).all()
 
@@ -216,3 +217,76 @@ def test_one_process_needs_no_process_group(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     assert init_from_environment(torch.device("cpu")) == World()
     assert not torch.distributed.is_initialized()
+
+
+# --- streamed data: each rank decodes only its slice -----------------------------------------
+
+STREAM_CLASSES = tuple(f"n0{i}" for i in range(7))  # 7 images: global batches of 4 and 3
+
+
+def _streamed_batches(rank: int, world_size: int, root: str) -> dict:
+    """The indices of epoch 1's training batches as the runner builds them (splits.
+    train_loader, then DataParallel.shard), the slice sizes, and every image decoded."""
+    import torchvision.datasets.folder as folder
+
+    from paper_repro.data import dataset_info
+    from paper_repro.data.splits import Data, train_loader
+
+    decoded: list[str] = []
+    real = folder.pil_loader
+    folder.pil_loader = lambda path: decoded.append(str(Path(path).relative_to(root))) or \
+        real(path)
+    try:
+        world = init_from_environment(torch.device("cpu"))
+        assert (world.rank, world.world_size) == (rank, world_size)
+        parallel = DataParallel(world, torch.device("cpu"))
+        cfg = tiny_config(Path(root) / "store", dataset="imagenet", data_root=root,
+                          batch_size=4, arch="resnet50", model_args={})
+        empty = torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
+        data = Data(dataset_info("imagenet"), *empty, *empty, stream_root=root,
+                    stream_train_n=len(STREAM_CLASSES))
+        loader = parallel.shard(train_loader(cfg, data, torch.device("cpu"),
+                                             (world.rank, world.world_size)))
+        loader.set_epoch(1)
+        batches = []
+        for batch in loader:
+            batches.append({"index": batch.index.tolist(), "sizes": list(parallel.sizes)})
+        return {"batches": batches, "decoded": decoded, "len": len(loader)}
+    finally:
+        folder.pil_loader = real
+
+
+def _stream_worker(rank: int, port: int, root: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank), REPRO_WORKERS="0")
+    torch.set_num_threads(1)
+    out = _streamed_batches(rank, 2, root)
+    (Path(root) / f"rank{rank}.json").write_text(json.dumps(out))
+
+
+def test_two_ranks_decode_one_process_batch_between_them(tmp_path, monkeypatch):
+    from test_data import _write_image_folder
+
+    _write_image_folder(tmp_path, classes=STREAM_CLASSES, per_class=1)
+    for key in ("WORLD_SIZE", "RANK", "SUBMITIT_EXECUTOR"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("REPRO_WORKERS", "0")
+    one = _streamed_batches(0, 1, str(tmp_path))
+    mp.start_processes(_stream_worker, args=(_free_port(), str(tmp_path)), nprocs=2,
+                       start_method="spawn")  # joins; a rank that raises fails the test
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    assert [len(b["index"]) for b in one["batches"]] == [4, 3]
+    assert ranks[0]["len"] == ranks[1]["len"] == one["len"] == 2
+    for i, batch in enumerate(one["batches"]):  # rank 0's slice, then rank 1's, is the batch
+        assert ranks[0]["batches"][i]["index"] + ranks[1]["batches"][i]["index"] == \
+            batch["index"]
+        assert ranks[0]["batches"][i]["sizes"] == ranks[1]["batches"][i]["sizes"] == \
+            split_sizes(len(batch["index"]), 2)
+    # every image decoded exactly once, by the rank that trains on it
+    assert sorted(ranks[0]["decoded"] + ranks[1]["decoded"]) == sorted(one["decoded"])
+    assert len(set(one["decoded"])) == len(one["decoded"]) == len(STREAM_CLASSES)
+    for r in (0, 1):
+        assert len(ranks[r]["decoded"]) == sum(len(b["index"]) for b in ranks[r]["batches"])

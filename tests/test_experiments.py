@@ -11,7 +11,7 @@ from paper_repro.errors import ConfigError
 from paper_repro.methods import get_method
 from paper_repro.report.figures import write_figures
 from paper_repro.report.tables import display_frame, table_frame
-from paper_repro.runner import pretrain_config
+from paper_repro.pipeline import pretrain_config
 
 
 def _resolve(name, row, scale):

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from paper_repro import cli, results, runner
+from paper_repro import cli, provenance, results, runner
 from paper_repro.report.tables import display_frame, table_frame
 from conftest import tiny_config
 from test_data import _write_cifar10
@@ -283,9 +283,9 @@ def test_the_dirty_flag_is_about_the_code_not_the_results_store(tmp_path):
     git("add", ".")
     git("commit", "-q", "-m", "c")
     (tmp_path / "results" / "record.json").write_text('{"status": "done"}')
-    assert runner.code_version(tmp_path)["git_dirty"] is False
+    assert provenance.code_version(tmp_path)["git_dirty"] is False
     (tmp_path / "code.py").write_text("x = 2\n")
-    assert runner.code_version(tmp_path)["git_dirty"] is True
+    assert provenance.code_version(tmp_path)["git_dirty"] is True
 
 
 def test_aggregate_refuses_to_mix_configs_in_one_cell(tmp_path, capsys):

@@ -239,7 +239,8 @@ def test_guard_state_survives_a_resume(monkeypatch):
 
 def test_runner_stops_and_keeps_the_restored_weights(tmp_path, monkeypatch):
     from paper_repro.results import run_dir
-    from paper_repro.runner import safe_load, train
+    from paper_repro.pretrained import safe_load
+    from paper_repro.runner import train
 
     at_check = []
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from paper_repro import results, runner
+from paper_repro import local, results, runner
 from paper_repro.data import dataset_info
 from paper_repro.report import figures
 from conftest import tiny_config
@@ -60,8 +60,8 @@ def test_fig3_from_checkpoints_then_from_the_stored_points_alone(tmp_path):
     """aggregate redraws Fig 3 from results/ (the points CSV) once checkpoints are gone."""
     for method in ("natural", "pgd_at", "aft"):
         extra = {"pretrain": {"epochs": 1}} if method == "aft" else {}
-        runner.train(tiny_config(tmp_path, method=method, experiment="table1", epochs=1,
-                                 **extra), quiet=True)
+        local.train(tiny_config(tmp_path, method=method, experiment="table1", epochs=1,
+                                **extra), quiet=True)
     out = tmp_path / "figures" / "smoke"
     written = figures.write_figures("smoke", tmp_path)
     assert out / "fig3.png" in written and out / "fig3.pdf" in written

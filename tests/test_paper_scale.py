@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 import torchvision
 
+from paper_repro import train  # trains a row's prerequisites (pre-training, teacher) first
 from paper_repro.config import build_config, load_experiment, resolve_row
 from paper_repro.errors import ConfigError
 from paper_repro.methods import get_method
-from paper_repro.runner import train
 from test_data import _cifar_rows, _write_cifar10, _write_image_folder, _write_pickle
 
 TABLE1 = load_experiment("table1")

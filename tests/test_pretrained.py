@@ -10,6 +10,8 @@ import torch
 import torchvision
 
 from paper_repro import pretrained, results, runner
+from paper_repro.data import dataset_info
+from paper_repro.models import build_model
 from paper_repro.cli import main
 from paper_repro.errors import CheckpointError, ConfigError
 from paper_repro.models import create_model
@@ -167,7 +169,7 @@ def test_our_checkpoint_and_run_id_load_the_same_weights(tmp_path):
     expected = pretrained.safe_load(ckpt)["model"]
 
     def fresh():
-        return runner.build_model(cfg, runner.dataset_info(cfg.dataset))
+        return build_model(cfg, dataset_info(cfg.dataset))
 
     from_file, from_run = fresh(), fresh()
     a = pretrained.apply_init(from_file, str(ckpt))

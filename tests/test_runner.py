@@ -1,4 +1,5 @@
-"""runner.py + results.py: the store, resume, pre-training reuse, records that never lie."""
+"""runner.py + results.py + pipeline.py: the store, resume, the graph of runs (pre-training
+reuse, prerequisites first), records that never lie."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from paper_repro import results, runner
+from paper_repro import local, pipeline, results, runner
 from paper_repro.errors import CheckpointError, ConfigError, ReproError
 from conftest import tiny_config
 
@@ -19,30 +20,30 @@ class Interrupt(Exception):
 def _interrupt_after_first_checkpoint(monkeypatch, directory):
     """Kill the run right after its first epoch checkpoint (other runs, e.g. the AFT
     pre-training, are left alone)."""
-    real = runner._save_checkpoint
+    real = runner.save_checkpoint
 
     def save_then_die(path, *args, **kwargs):
         real(path, *args, **kwargs)
         if path.parent == directory:
             raise Interrupt("killed after epoch 1")
 
-    monkeypatch.setattr(runner, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
 
 
 @pytest.mark.parametrize("method", ["natural", "pgd_at", "aft"])
 def test_resume_gives_the_same_final_metrics(tmp_path, monkeypatch, method):
     extra = {"pretrain": {"epochs": 1}} if method == "aft" else {}
-    straight = runner.train(tiny_config(tmp_path / "a", method=method, **extra), quiet=True)
+    straight = local.train(tiny_config(tmp_path / "a", method=method, **extra), quiet=True)
 
     cfg = tiny_config(tmp_path / "b", method=method, **extra)
     directory = results.run_dir(cfg.results_dir, cfg.run_path)
     _interrupt_after_first_checkpoint(monkeypatch, directory)
     with pytest.raises(Interrupt):
-        runner.train(cfg, quiet=True)
+        local.train(cfg, quiet=True)
     record = results.read_record(directory)
     assert record["status"] == results.STATUS_RUNNING  # never claims done early
     monkeypatch.undo()
-    resumed = runner.train(cfg, resume=True, quiet=True)
+    resumed = local.train(cfg, resume=True, quiet=True)
 
     for key in ("clean_acc", "pgd_acc", "steps_done", "epochs_done", "train_flops"):
         assert resumed[key] == straight[key], key
@@ -71,13 +72,13 @@ def test_done_run_is_skipped_and_record_is_complete(tmp_path):
 
 
 def test_aft_pretraining_is_reused_by_config_hash(tmp_path):
-    a = runner.train(tiny_config(tmp_path, method="aft", pretrain={"epochs": 1}), quiet=True)
+    a = local.train(tiny_config(tmp_path, method="aft", pretrain={"epochs": 1}), quiet=True)
     pretrain_dirs = list((tmp_path / "runs" / "smoke" / "pretrain").iterdir())
     assert len(pretrain_dirs) == 1 and a["pretrain_source"] == str(pretrain_dirs[0])
     assert a["pretrain_minutes"] is not None and a["pretrain_flops"] > 0
     cfg_b = tiny_config(tmp_path, method="aft", pretrain={"epochs": 1}, experiment="other")
     mtime = (pretrain_dirs[0] / "record.json").stat().st_mtime_ns
-    b = runner.train(cfg_b, quiet=True)
+    b = local.train(cfg_b, quiet=True)
     assert b["pretrain_source"] == a["pretrain_source"]
     assert (pretrain_dirs[0] / "record.json").stat().st_mtime_ns == mtime  # not retrained
 
@@ -85,13 +86,14 @@ def test_aft_pretraining_is_reused_by_config_hash(tmp_path):
 def test_a_done_pretraining_without_its_checkpoint_says_how_to_recover(tmp_path):
     """A fresh clone holds the committed records but no checkpoint.pt: a new fine-tuning
     from that pre-training stops with one line and leaves the committed record alone."""
-    runner.train(tiny_config(tmp_path, method="aft", pretrain={"epochs": 1}), quiet=True)
+    local.train(tiny_config(tmp_path, method="aft", pretrain={"epochs": 1}), quiet=True)
     (pretrain,) = (tmp_path / "runs" / "smoke" / "pretrain").iterdir()
     (pretrain / "checkpoint.pt").unlink()
     before = (pretrain / "record.json").read_bytes()
     cfg = tiny_config(tmp_path, method="aft", pretrain={"epochs": 1}, experiment="other")
-    with pytest.raises(CheckpointError, match="is done but its checkpoint.pt is not in"):
-        runner.train(cfg, quiet=True)
+    for train in (local.train, runner.train):
+        with pytest.raises(CheckpointError, match="is done but its checkpoint.pt is not in"):
+            train(cfg, quiet=True)
     assert (pretrain / "record.json").read_bytes() == before
     assert not results.run_dir(cfg.results_dir, cfg.run_path).exists()
 
@@ -151,3 +153,55 @@ def test_pretrain_only_for_fine_tuning_methods(tmp_path):
         runner.train(tiny_config(tmp_path, method="pgd_at", pretrain={"epochs": 1}), quiet=True)
     with pytest.raises(ConfigError, match="fine-tunes: set init"):
         runner.train(tiny_config(tmp_path, method="aft", pretrain=None), quiet=True)
+
+
+def test_the_runner_never_trains_a_prerequisite(tmp_path):
+    """runner.train trains exactly the run it is given: an AFT row whose pre-training is not
+    done stops with one line, before anything is written."""
+    cfg = tiny_config(tmp_path, method="aft", pretrain={"epochs": 1})
+    with pytest.raises(ReproError, match=r"needs run smoke/pretrain/\w+ done first"):
+        runner.train(cfg, quiet=True)
+    assert not (tmp_path / "runs").exists()
+
+
+def _self_training_row(tmp_path):
+    """AFT(+500K)'s cpu stand-in in small: a pre-training on pseudo-labelled extra images."""
+    return tiny_config(tmp_path, method="aft", train_subset=128,
+                       pretrain={"epochs": 1, "extra_data": "pseudo-label", "extra_data_n": 64})
+
+
+def test_the_graph_of_self_training_is_teacher_then_pretraining_then_fine_tune(tmp_path,
+                                                                                monkeypatch):
+    """One graph (pipeline.plan); the local path trains it in that order, the launcher
+    submits the same nodes with the same needs."""
+    from slurm import launcher
+
+    cfg = _self_training_row(tmp_path)
+    pre = pipeline.pretrain_config(cfg)
+    teacher = pipeline.teacher_config(pre)
+    assert pre.extra_data == "pseudo-label" and teacher.extra_data is None
+    graph = list(pipeline.plan([cfg]).values())
+    assert [r.cfg.config_hash() for r in graph] == [teacher.config_hash(), pre.config_hash(),
+                                                     cfg.config_hash()]
+    assert graph[0].needs == () and graph[1].needs == (graph[0].directory,)
+    assert graph[2].needs == (graph[1].directory,)
+    submitted = list(launcher._plan([cfg]).values())
+    assert [(r.run_path, [n.name for n in r.needs]) for r in submitted] == \
+        [(r.run_path, [n.name for n in r.needs]) for r in graph]
+
+    trained = []
+    monkeypatch.setattr(runner, "train",
+                        lambda c, run_path=None, **kw: trained.append(run_path) or {})
+    local.train(cfg, quiet=True)
+    assert trained == [r.run_path for r in graph]
+
+
+def test_self_training_end_to_end_trains_each_run_once(tmp_path):
+    cfg = _self_training_row(tmp_path)
+    record = local.train(cfg, quiet=True)
+    assert record["status"] == "done"
+    pretrains = sorted(p.name for p in (tmp_path / "runs" / "smoke" / "pretrain").iterdir())
+    pre = pipeline.pretrain_config(cfg)
+    assert pretrains == sorted([pre.config_hash(), pipeline.teacher_config(pre).config_hash()])
+    pre_record = results.read_record(tmp_path / "runs" / "smoke" / "pretrain" / pre.config_hash())
+    assert pre_record["train_images"] == 128 + 64  # labelled + pseudo-labelled

@@ -146,7 +146,8 @@ def fig3_points(runs: pd.DataFrame, n: int = FIG3_N) -> pd.DataFrame | None:
     from ..config import build_config
     from ..data import dataset_info, load_arrays
     from ..evaluation import fixed_subset
-    from ..runner import build_model, load_weights
+    from ..checkpoints import load_weights
+    from ..models import build_model
 
     picked = {row: _first_run(runs, "table1", row) for row in FIG3_ROWS}
     if any(r is None or not (Path(r["run_dir"]) / "checkpoint.pt").is_file()

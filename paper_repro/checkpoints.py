@@ -1,0 +1,129 @@
+"""The one checkpoint format: what is saved each epoch, how a torn file is detected (torch's
+per-record CRCs, which `torch.load` itself does not check) and the previous one used instead,
+and how a run is restored from it. Model weights alone load from here too (`load_weights`)."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import results
+from .config import RunConfig
+from .errors import CheckpointError
+from .methods import Method
+from .pretrained import safe_load
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands, besides its weights, optimisers and method state: saved in every
+    checkpoint, so that a resumed run continues exactly where the killed one stopped."""
+
+    epoch: int = 0
+    global_step: int = 0
+    train_time_s: float = 0.0
+    flops_per_epoch: int | None = None  # counted once, on the first epoch
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch
+    lr_log: list[float] = field(default_factory=list)  # the LR of every optimiser step
+    stop_reason: str | None = None  # a method's own early stop (Fast AT's catastrophic check)
+
+
+def save_checkpoint(path: Path, cfg: RunConfig, model: nn.Module,
+                    optimizers: list[torch.optim.Optimizer], method: Method,
+                    state: TrainingState) -> None:
+    """Atomically; the previous checkpoint is kept as checkpoint.prev.pt (results.py)."""
+    results.atomic_torch_save({
+        "config_hash": cfg.config_hash(),
+        "model": model.state_dict(),
+        "optimizers": [o.state_dict() for o in optimizers],
+        "method": method.state_dict(),
+        "epoch": state.epoch, "global_step": state.global_step,
+        "train_time_s": state.train_time_s, "flops_per_epoch": state.flops_per_epoch,
+        "metrics": state.metrics, "lr_log": state.lr_log,
+        "stop_reason": state.stop_reason,
+    }, path)
+
+
+def load_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The newest whole checkpoint of the run: checkpoint.pt, or if that one is torn the
+    previous good one (checkpoint.prev.pt, with a warning); None when there is neither."""
+    torn: list[str] = []
+    for candidate in (path, results.previous_checkpoint(path)):
+        if not candidate.is_file():
+            continue
+        why = results.check_checkpoint(candidate)
+        ckpt: Any = None
+        if why is None:
+            try:
+                ckpt = safe_load(candidate)
+            except CheckpointError as e:
+                why = str(e)
+        if why is None and not (isinstance(ckpt, dict) and "model" in ckpt and "epoch" in ckpt):
+            why = "not a checkpoint of this suite"
+        if why is not None:
+            torn.append(f"{candidate.name}: {why}")
+            continue
+        if ckpt.get("config_hash") != cfg.config_hash():
+            raise CheckpointError(f"{candidate}: written by another config (hash "
+                                  f"{ckpt.get('config_hash')} != {cfg.config_hash()})")
+        if torn:
+            print(f"warning: {torn[0]}; resuming from {candidate.name} (epoch {ckpt['epoch']})",
+                  file=sys.stderr)
+        return ckpt
+    if torn:
+        raise CheckpointError(f"no usable checkpoint in {path.parent} ({'; '.join(torn)}); "
+                              "remove them to start the run over")
+    return None
+
+
+def restore(ckpt: dict[str, Any], model: nn.Module, optimizers: list[torch.optim.Optimizer],
+            method: Method, device: torch.device) -> TrainingState:
+    """Put the weights, optimiser and method state back; return where the run stood."""
+    model.load_state_dict(ckpt["model"])
+    for opt, opt_state in zip(optimizers, ckpt["optimizers"]):
+        opt.load_state_dict(opt_state)
+    method.load_state_dict(_to_device(ckpt["method"], device))
+    return TrainingState(epoch=ckpt["epoch"], global_step=ckpt["global_step"],
+                         train_time_s=ckpt["train_time_s"],
+                         flops_per_epoch=ckpt["flops_per_epoch"], metrics=ckpt["metrics"],
+                         lr_log=ckpt["lr_log"], stop_reason=ckpt.get("stop_reason"))
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load model weights from our checkpoint or a plain state dict, safely (weights_only)."""
+    state = safe_load(path)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise CheckpointError(f"{path}: does not fit this architecture "
+                              f"({_state_mismatch(model.state_dict(), state)})") from None
+
+
+def _state_mismatch(want: dict[str, Any], got: dict[str, Any]) -> str:
+    """One line on how a state dict differs from the model's: missing, unexpected, reshaped."""
+    missing = [k for k in want if k not in got]
+    unexpected = [k for k in got if k not in want]
+    reshaped = [f"{k} {tuple(got[k].shape)} vs {tuple(want[k].shape)}" for k in want
+                if k in got and hasattr(got[k], "shape") and got[k].shape != want[k].shape]
+    parts = [f"{len(items)} {what} (e.g. {items[0]})" for what, items in
+             (("missing keys", missing), ("unexpected keys", unexpected),
+              ("tensors of another shape", reshaped)) if items]
+    return "; ".join(parts) or "incompatible tensors"
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj
