@@ -1,4 +1,4 @@
-"""`python -m paper_repro`: run, finetune, sweep, table, aggregate, status, bench.
+"""`python -m paper_repro`: run, finetune, sweep, table, aggregate, status, export, bench.
 
 Every user error (bad flag value, missing data, unsafe checkpoint...) ends as one line on
 stderr and exit status 2; nothing already in the results store is overwritten. A run of the
@@ -266,6 +266,25 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A run's model as model.safetensors + model_info.json + README.md (a model card)."""
+    import json
+
+    from .export import INFO, export_model
+
+    out = export_model(args.run, args.out, select=args.select,
+                       results_dir=args.results_dir or "results")
+    info = json.loads((out / INFO).read_text())
+
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{v:.2f}%"
+
+    print(f"wrote {out}: {info['name']}; clean {pct(info['clean_acc'])}, PGD-20 "
+          f"{pct(info['pgd20_acc'])}, AA {pct(info['autoattack_acc'])}; "
+          f"sha256 {info['weights']['sha256'][:16]}...")
+    return 0
+
+
 def _seeds(args: argparse.Namespace) -> list[int]:
     if args.seeds < 1:
         raise ReproError("--seeds must be >= 1")
@@ -347,6 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit non-zero when a run's record or config cannot be read (default: "
                         "warn, show its cell as unreadable and render the rest)")
     p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser("export", help="write a run's model as model.safetensors, "
+                                      "model_info.json and a README.md model card")
+    p.add_argument("run", help="run path in the store, e.g. cpu/table1/aft/seed0")
+    p.add_argument("--out", required=True, help="folder to create (absent or empty)")
+    p.add_argument("--select", choices=["final", "best"], default="final",
+                   help="final: checkpoint.pt; best: the run's best.pt, where it kept one")
+    p.add_argument("--results-dir", default=None, help="results store (default results)")
+    p.set_defaults(func=cmd_export)
 
     from . import bench
     p = sub.add_parser("bench", help="images/s, FLOPs and MFU of one method's training step")
