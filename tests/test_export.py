@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -204,3 +205,29 @@ def test_a_missing_checkpoint_says_which_command_trains_it(aft_store, tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_model(RUN, results_dir=scratch)
     assert "python -m paper_repro run --experiment table1 --row aft --scale smoke" in str(e.value)
+
+
+def _readme_example() -> str:
+    """The README's load-attack-export example: the python block after its marker."""
+    text = (REPO / "README.md").read_text()
+    match = re.search(r"<!-- example: load-attack-export[^>]*-->\s*```python\n(.*?)```", text,
+                      re.S)
+    assert match, "README.md lost its load-attack-export example"
+    return match.group(1)
+
+
+def test_the_readme_example_runs(aft_store, tmp_path):
+    """The README's example, verbatim, in a folder whose results/ holds a trained AFT run at
+    the path it names (the tiny smoke run standing in for the cpu one)."""
+    store, _record, _cfg = aft_store
+    code = _readme_example()
+    lines = [ln for ln in code.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert len(lines) <= 6, lines  # an import line and five
+    named = re.search(r'"(cpu/table1/aft/seed0)"', code).group(1)
+    shutil.copytree(results.run_dir(store, RUN), tmp_path / "results" / "runs" / named)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"PGD-20 accuracy: \d+\.\d%", proc.stdout), proc.stdout
+    out = next(p.parent for p in tmp_path.glob("**/model_info.json"))
+    assert not load_model(out).training
