@@ -9,10 +9,12 @@ Public API (everything else is internal):
     pgd, fgsm_rs                                            -- the attacks
     make_schedule                                           -- LR schedules
     load                                                    -- the results store as a DataFrame
+    load_model, load_test_images, export_model              -- trained models out of the store
 """
 from .api import finetune
 from .attacks import fgsm_rs, pgd
 from .config import RunConfig, build_config, load_experiment, resolve_row
+from .export import export_model, load_model, load_test_images
 from .models import create_model, list_models
 from .pretrained import load_pretrained
 from .results import load
@@ -21,4 +23,4 @@ from .schedules import make_schedule
 
 __all__ = ["RunConfig", "build_config", "load_experiment", "resolve_row", "train", "finetune",
            "load_pretrained", "create_model", "list_models", "pgd", "fgsm_rs", "make_schedule",
-           "load"]
+           "load", "load_model", "load_test_images", "export_model"]

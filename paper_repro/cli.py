@@ -1,7 +1,10 @@
-"""`python -m paper_repro`: run, finetune, sweep, table, aggregate, status, bench.
+"""`python -m paper_repro`: run, finetune, sweep, table, aggregate, status, export, bench.
 
 Every user error (bad flag value, missing data, unsafe checkpoint...) ends as one line on
-stderr and exit status 2; nothing already in the results store is overwritten.
+stderr and exit status 2; nothing already in the results store is overwritten. A run of the
+store whose record or config cannot be read is not an error for the commands that only read
+the store (table, aggregate, status): each such run gets one `warning:` line on stderr and
+shows as "unreadable", and everything else renders.
 """
 from __future__ import annotations
 
@@ -165,10 +168,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return cmd_table(args)
 
 
+def _warn_unreadable(results_dir: str, scale: str,
+                     experiments: Sequence[str] | None = None) -> tuple[int, int]:
+    """One `warning:` line on stderr per run (of `experiments`, or all, pre-trainings included)
+    whose record or config cannot be read. Returns (unreadable runs, readable runs)."""
+    from . import results
+
+    frame = results.load(results_dir, scale=scale, include_pretrain=True)
+    if experiments is not None and not frame.empty:
+        frame = frame[frame["experiment"].isin(list(experiments))]
+    problems = results.problems(frame)
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    return len(problems), len(frame) - len(problems)
+
+
 def cmd_table(args: argparse.Namespace) -> int:
     from .report.tables import write_table
 
     scale = args.scale or _default_scale()
+    _warn_unreadable(args.results_dir or "results", scale, args.experiments)
     for name in args.experiments:
         paths = write_table(name, scale, results_dir=args.results_dir or "results",
                             controlled_arch=getattr(args, "controlled", None))
@@ -178,29 +197,91 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Each run's state (done, running, queued, failed, not submitted) from store and scheduler."""
-    from slurm.launcher import format_status, status
+    """Each run's state (done, running, queued, failed, not submitted, unreadable) from store
+    and scheduler."""
+    from slurm.launcher import format_status
 
     scale = args.scale or _default_scale()
     for name in args.experiments:
         print(f"{name} ({scale} scale)")
-        print(format_status(status(_experiment_configs(args, name, scale))))
+        print(format_status(_status_rows(_experiment_configs(args, name, scale))))
     return 0
 
 
+def _status_rows(configs: list) -> list[dict[str, Any]]:
+    """The launcher's status rows; where a run's record or config cannot be read, that run is a
+    row of its own ("unreadable", with a warning) and every other run is still shown."""
+    from slurm.launcher import status
+
+    from .results import UnreadableRunError
+
+    try:
+        return status(configs)
+    except UnreadableRunError:
+        pass  # ask run by run, so that one unreadable run hides no other
+    rows: list[dict[str, Any]] = []
+    for cfg in configs:
+        try:
+            found = status([cfg])
+        except UnreadableRunError as e:
+            print(f"warning: {e}", file=sys.stderr)
+            found = [{"run": e.run_path, "state": "unreadable", "job_id": "", "log": "",
+                      "detail": f"{e.path.name}: {e.reason}"}]
+            if e.run_path != cfg.run_path:  # a pre-training it needs is the unreadable one
+                found.append({"run": cfg.run_path, "state": "unknown", "job_id": "", "log": "",
+                              "detail": f"needs {e.run_path}, which cannot be read"})
+        rows += [r for r in found if r["run"] not in {seen["run"] for seen in rows}]
+    return rows
+
+
 def cmd_aggregate(args: argparse.Namespace) -> int:
-    """Rebuild every table and figure from the store alone (no training)."""
+    """Rebuild every table and figure from the store alone (no training). Unreadable runs are
+    warned about and shown as such; the exit status is non-zero only with --strict, or when
+    nothing at all could be rendered."""
     from .report.figures import write_figures
     from .report.tables import tables_with_results, write_table
+    from .results import runs_root
 
     results_dir = args.results_dir or "results"
     scales = [args.scale] if args.scale else ["smoke", "cpu", "paper"]
+    written = unreadable = 0
     for scale in scales:
+        bad, readable = _warn_unreadable(results_dir, scale)
+        unreadable += bad
+        if not readable:
+            continue
         for name in tables_with_results(scale, results_dir):
             paths = write_table(name, scale, results_dir=results_dir)
             print(f"wrote {paths['md']}")
+            written += 1
         for path in write_figures(scale, results_dir=results_dir):
             print(f"wrote {path}")
+            written += 1
+    if not written:
+        where = f" at scale {args.scale}" if args.scale else ""
+        raise ReproError(f"nothing to render: no readable run in {runs_root(results_dir)}{where}")
+    if args.strict and unreadable:
+        raise ReproError(f"--strict: {unreadable} run(s) could not be read (warnings above); "
+                         "everything else was rendered")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A run's model as model.safetensors + model_info.json + README.md (a model card)."""
+    import json
+
+    from .export import INFO, export_model
+
+    out = export_model(args.run, args.out, select=args.select,
+                       results_dir=args.results_dir or "results")
+    info = json.loads((out / INFO).read_text())
+
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{v:.2f}%"
+
+    print(f"wrote {out}: {info['name']}; clean {pct(info['clean_acc'])}, PGD-20 "
+          f"{pct(info['pgd20_acc'])}, AA {pct(info['autoattack_acc'])}; "
+          f"sha256 {info['weights']['sha256'][:16]}...")
     return 0
 
 
@@ -281,7 +362,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("aggregate", help="rebuild every table and figure from results/ alone")
     p.add_argument("--scale", choices=["smoke", "cpu", "paper"], default=None)
     p.add_argument("--results-dir", default=None)
+    p.add_argument("--strict", action="store_true",
+                   help="exit non-zero when a run's record or config cannot be read (default: "
+                        "warn, show its cell as unreadable and render the rest)")
     p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser("export", help="write a run's model as model.safetensors, "
+                                      "model_info.json and a README.md model card")
+    p.add_argument("run", help="run path in the store, e.g. cpu/table1/aft/seed0")
+    p.add_argument("--out", required=True, help="folder to create (absent or empty)")
+    p.add_argument("--select", choices=["final", "best"], default="final",
+                   help="final: checkpoint.pt; best: the run's best.pt, where it kept one")
+    p.add_argument("--results-dir", default=None, help="results store (default results)")
+    p.set_defaults(func=cmd_export)
 
     from . import bench
     p = sub.add_parser("bench", help="images/s, FLOPs and MFU of one method's training step")

@@ -11,6 +11,14 @@ Layout (DESIGN §8):
 Every file is written to a temporary name in the same folder, fsynced, then renamed, so a
 reader (or a crash) sees either the old file or the new one, never half of one. A process
 training a run holds a lock on its folder (`run_lock`), so two never train the same run.
+
+Every record carries `schema` (RECORD_SCHEMA); a record without it is schema 1 (written before
+the field existed). Reading degrades gracefully: `load()` never stops at a run whose record or
+config cannot be read (torn, not JSON, a newer schema than this code knows); it returns that run
+as one line with status "unreadable" and the reason in `problem`, so that tables show the cell
+as unreadable, every other cell still renders, and the CLI warns once per run. The runner still
+refuses to train over such a run (`read_record` raises `UnreadableRunError`): nothing that cannot
+be read is ever overwritten.
 """
 from __future__ import annotations
 
@@ -34,7 +42,32 @@ from .errors import ReproError
 STATUS_DONE = "done"
 STATUS_RUNNING = "running"
 STATUS_FAILED = "failed"
+STATUS_UNREADABLE = "unreadable"  # only in `load()`'s frame: never written to a record
 TEMP_SUFFIX = ".tmp"
+RECORD_SCHEMA = 1  # record.json's format; a record without `schema` is 1 (legacy, same format)
+
+
+class UnreadableRunError(ReproError):
+    """A run's record.json or config.json that cannot be read: torn, not a JSON object, or of a
+    newer schema than this code. `path` is the file, `reason` what is wrong, `advice` the fix."""
+
+    def __init__(self, path: Path, reason: str, advice: str) -> None:
+        self.path, self.reason, self.advice = Path(path), reason, advice
+        super().__init__(f"{path}: {reason}; {advice}")
+
+    @property
+    def run_path(self) -> str:
+        """The run's id (<scale>/<experiment>/<row>/seed<k>), from where the file lies."""
+        return run_path_of(self.path.parent)
+
+
+def run_path_of(directory: Path) -> str:
+    """A run folder's id: its path below the store's `runs/` folder (the whole path if none)."""
+    parts = Path(directory).parts
+    if "runs" not in parts:
+        return str(directory)
+    last = len(parts) - 1 - parts[::-1].index("runs")
+    return "/".join(parts[last + 1:])
 
 
 def runs_root(results_dir: str | Path) -> Path:
@@ -95,7 +128,9 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def write_record(directory: Path, record: dict[str, Any]) -> None:
-    """record.json, atomically: a reader or a crash sees the old record or the new one."""
+    """record.json, atomically: a reader or a crash sees the old record or the new one.
+    Stamped with this code's RECORD_SCHEMA, so that a reader can tell a format it does not know."""
+    record = {**record, "schema": RECORD_SCHEMA}
     text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
     _atomic_write_bytes(Path(directory) / "record.json", text.encode(), fault="record-write")
 
@@ -197,17 +232,44 @@ def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, out.getvalue())
 
 
+_REPAIR = ("restore the file (e.g. `git checkout -- FILE` for a committed run) or remove the "
+           "run's folder and run it again")
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from a file of the store; None if the file does not exist.
+    A file that is not a whole JSON object raises UnreadableRunError (one line)."""
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_bytes())
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except json.JSONDecodeError as e:
-        raise ReproError(f"{path}: unreadable JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UnreadableRunError(path, f"unreadable JSON ({' '.join(str(e).split())})",
+                                 _REPAIR.replace("FILE", str(path))) from None
+    except OSError as e:
+        raise UnreadableRunError(path, f"cannot be read ({e.strerror})",
+                                 "check its permissions") from None
+    if not isinstance(obj, dict):
+        raise UnreadableRunError(path, f"holds a JSON {type(obj).__name__}, not an object",
+                                 _REPAIR.replace("FILE", str(path)))
+    return obj
 
 
 def read_record(directory: Path) -> dict[str, Any] | None:
-    return read_json(Path(directory) / "record.json")
+    """The run's record (None before its first write). A record of a newer schema than this
+    code knows is refused like a torn one: reading it as this schema could misreport it."""
+    path = Path(directory) / "record.json"
+    record = read_json(path)
+    if record is None:
+        return None
+    schema = record.get("schema", 1)
+    if not isinstance(schema, int) or isinstance(schema, bool) or schema < 1:
+        raise UnreadableRunError(path, f"has an invalid schema {schema!r}",
+                                 _REPAIR.replace("FILE", str(path)))
+    if schema > RECORD_SCHEMA:
+        raise UnreadableRunError(path, f"has schema {schema}, newer than this code reads "
+                                 f"({RECORD_SCHEMA})", "update the code (git pull) to read it")
+    return record
 
 
 def is_done(directory: Path) -> bool:
@@ -220,18 +282,51 @@ def _iter_run_dirs(root: Path) -> Iterable[Path]:
         yield record.parent
 
 
+def read_run(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config, record) of a run folder that has a record; UnreadableRunError if either cannot
+    be read, including a config that is missing (the runner writes it before any record)."""
+    record = read_record(directory) or {}
+    config = read_json(directory / "config.json")
+    if config is None:
+        raise UnreadableRunError(directory / "config.json", "is missing (the run has a record)",
+                                 _REPAIR.replace("FILE", str(directory / "config.json")))
+    return config, record
+
+
+def _identity_from_path(directory: Path) -> dict[str, Any]:
+    """What the folder's place in the store says about a run whose config cannot be read:
+    <scale>/<experiment>/<row>/seed<k>, or <scale>/pretrain/<hash>."""
+    parts = run_path_of(directory).split("/")
+    seed = parts[3][4:] if len(parts) > 3 and parts[3].startswith("seed") else ""
+    return {"scale": parts[0] if parts else None,
+            "experiment": parts[1] if len(parts) > 1 else None,
+            "row": parts[2] if len(parts) > 2 else None,
+            "seed": int(seed) if seed.isdigit() else None}
+
+
 def load(results_dir: str | Path = "results", *, scale: str | None = None,
          include_pretrain: bool = False) -> pd.DataFrame:
     """Every run in the store as one DataFrame: config fields, then record fields.
 
     Tables and figures read only this. Per-epoch curves are in each run's metrics.csv
-    (column `metrics_path`).
+    (column `metrics_path`). A run whose record or config cannot be read is one line with
+    status "unreadable", `problem` (the file, what is wrong, what to do) and the identity its
+    folder gives; it never stops the others (`problems()` lists them).
     """
     root = runs_root(results_dir)
     rows = []
     for d in _iter_run_dirs(root):
-        record = read_record(d) or {}
-        config = read_json(d / "config.json") or {}
+        try:
+            config, record = read_run(d)
+        except UnreadableRunError as e:
+            ident = _identity_from_path(d)
+            if (not include_pretrain and ident["experiment"] == "pretrain") or \
+                    (scale is not None and ident["scale"] != scale):
+                continue
+            rows.append({**ident, "status": STATUS_UNREADABLE, "problem": str(e),
+                         "run_path": run_path_of(d), "run_dir": str(d),
+                         "metrics_path": str(d / "metrics.csv")})
+            continue
         if not include_pretrain and config.get("experiment") == "pretrain":
             continue
         if scale is not None and config.get("scale") != scale:
@@ -245,6 +340,13 @@ def load(results_dir: str | Path = "results", *, scale: str | None = None,
                    run_dir=str(d), metrics_path=str(d / "metrics.csv"))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def problems(frame: pd.DataFrame) -> list[str]:
+    """The `problem` of every unreadable run in a `load()` frame, in store order."""
+    if frame.empty or "problem" not in frame:
+        return []
+    return list(frame.loc[frame["status"] == STATUS_UNREADABLE, "problem"])
 
 
 def load_metrics(run_directory: str | Path) -> pd.DataFrame:

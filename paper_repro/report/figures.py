@@ -5,6 +5,13 @@ fig3: penultimate-layer features of a fixed set of test images, LDA to c-1 dims 
       one panel per model (natural, PGD AT, AFT: Table 1's runs), one colour per class.
 fig4: step-LR(i, 0.5) fine-tunes of one pre-trained model, one curve per plateau length i.
 fig5: the 'slow start, fast decay' schedule an AFT run actually used, per iteration.
+pareto_<table>: robustness against training cost for every row of a table: PGD-20 and AutoAttack
+      accuracy against counted training FLOPs (AFT with and without its pre-training as two
+      linked points), error bars over seeds, and the paper's own points against its reported
+      times. Drawn from the table's cells (`tables.table_frame`), i.e. from the store alone.
+
+Every file is byte-stable: the same store gives the same bytes (no dates or versions in the
+PNG and PDF metadata), so `aggregate` leaves a clean git tree when nothing changed.
 
 Fig 3 needs the runs' checkpoints, which are not in git. When they are present, `write_figures`
 computes the 2-D points and stores them in results/figures/<scale>/fig3_points.csv (small, in
@@ -16,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -28,11 +36,16 @@ from .. import results  # noqa: E402
 from ..config import load_experiment  # noqa: E402
 
 
+# Metadata that would change the bytes of an unchanged figure: the PDF's creation date and
+# the PNG's "Software" (matplotlib's version) are left out.
+_STABLE_METADATA = {".png": {"Software": None}, ".pdf": {"CreationDate": None}}
+
+
 def _save(fig: plt.Figure, out_dir: Path, name: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     for p in paths:
-        fig.savefig(p, bbox_inches="tight", dpi=150)
+        fig.savefig(p, bbox_inches="tight", dpi=150, metadata=_STABLE_METADATA[p.suffix])
     plt.close(fig)
     return paths
 
@@ -143,10 +156,10 @@ def lda_pca_projection(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def fig3_points(runs: pd.DataFrame, n: int = FIG3_N) -> pd.DataFrame | None:
     """The 2-D points of every Fig 3 panel from the runs' checkpoints; None if one is missing."""
+    from ..checkpoints import load_weights
     from ..config import build_config
     from ..data import dataset_info, load_arrays
     from ..evaluation import fixed_subset
-    from ..checkpoints import load_weights
     from ..models import build_model
 
     picked = {row: _first_run(runs, "table1", row) for row in FIG3_ROWS}
@@ -213,12 +226,119 @@ def write_fig3(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
         results.atomic_write_text(csv, points.to_csv(index=False))
     elif csv.is_file():
         points = pd.read_csv(csv)
-    run = _first_run(runs, "table1", "aft")
+    # any of the panels' runs names the network and data (one unreadable record hides nothing)
+    run = next((r for r in (_first_run(runs, "table1", row) for row in FIG3_ROWS)
+                if r is not None), None)
     if points is None or run is None:
         return []
     info = dataset_info(run["dataset"])
     subtitle = f"; {run['arch']} on {info.name}, {points['row'].value_counts().iloc[0]} test images"
     return _save(fig3_features(points, info.class_names, subtitle=subtitle), out_dir, "fig3")
+
+
+# --- cost against robustness --------------------------------------------------------------
+
+PARETO_MARKERS = {"natural": "o", "pgd_at": "s", "free_at": "^", "fast_at": "v", "yopo": "D",
+                  "atta": "P", "aft": "*"}  # one marker per method
+
+
+def _finite(value: object) -> bool:
+    try:
+        return bool(np.isfinite(float(value)))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def pareto_figure(name: str, cells: pd.DataFrame, scale: str) -> plt.Figure | None:
+    """PGD-20 and AutoAttack accuracy against training cost (PFLOP, log) for the rows of a
+    table (`cells` = tables.table_frame), one marker per method and one colour per row, error
+    bars over seeds; AFT's fine-tuning alone (open marker) linked to fine-tuning plus its
+    pre-training (filled). A third panel: the paper's PGD-20 against its reported times.
+    None when no row has a finished run."""
+    from matplotlib.lines import Line2D
+
+    exp = load_experiment(name)
+    done = cells["status"].astype(str).str.startswith("done") & cells["cost_pflop"].map(_finite)
+    if not done.any():
+        return None
+    labels = list(cells["method"])
+    shown = [f"{lab} ({arch})" if labels.count(lab) > 1 else lab
+             for lab, arch in zip(labels, cells["paper_arch"])]
+    colours = sns.color_palette("tab10", len(cells))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    handles, linked, missing, untimed = [], False, [], []
+    for i, (_, cell) in enumerate(cells.iterrows()):
+        marker = PARETO_MARKERS.get(exp.row(cell["row"])["method"], "o")
+        colour = colours[i]
+        handles.append(Line2D([], [], ls="", marker=marker, color=colour, label=shown[i]))
+        if not done.iloc[i]:
+            missing.append(f"{shown[i]} ({cell['status']})")
+        else:
+            cost = float(cell["cost_pflop"])
+            pre = float(cell["pretrain_pflop"]) if _finite(cell["pretrain_pflop"]) else 0.0
+            for ax, acc, std in ((axes[0], "pgd_acc", "pgd_std"), (axes[1], "aa_acc", "aa_std")):
+                if not _finite(cell[acc]):
+                    continue
+                y = float(cell[acc])
+                ax.errorbar(cost + pre, y, yerr=float(cell[std]) if _finite(cell[std]) else None,
+                            ls="", marker=marker, ms=9, color=colour, capsize=3)
+                if pre > 0:  # the same model without its pre-training's cost
+                    ax.plot([cost, cost + pre], [y, y], ls=":", lw=1, color=colour)
+                    ax.plot(cost, y, ls="", marker=marker, ms=9, mfc="none", mec=colour)
+                    linked = True
+        if _finite(cell["paper_time"]) and _finite(cell["paper_pgd"]):
+            axes[2].plot(float(cell["paper_time"]), float(cell["paper_pgd"]), ls="",
+                         marker=marker, ms=9, color=colour)
+        else:
+            untimed.append(shown[i])
+    aa_n = "/".join(sorted({str(v) for v in cells["aa_n"].dropna() if str(v)}))
+    unit = "hours" if exp.time_unit in ("h", "hours") else "min"
+    titles = (f"ours ({scale} scale): PGD-20", "ours: AutoAttack" +
+              (f" ({aa_n} images)" if aa_n else ""), "the paper: PGD-20, its reported times")
+    xlabels = ("training cost (PFLOP, log scale)",) * 2 + (f"reported training time ({unit}, "
+                                                          "log scale)",)
+    ylabels = ("PGD-20 accuracy (%)", "AutoAttack accuracy (%)", "PGD-20 accuracy (%)")
+    for ax, title, xlabel, ylabel in zip(axes, titles, xlabels, ylabels):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if ax.lines or ax.collections:
+            ax.set_xscale("log")  # 1, 2, 5 x 10^k ticks as plain numbers (0.0002, 0.0005)
+            ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        else:
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", color="grey")
+        ax.grid(alpha=0.3, which="both")
+    if linked:
+        handles.append(Line2D([], [], ls=":", marker="o", mfc="none", color="grey",
+                              label="open: AFT without its pre-training"))
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
+               fontsize=8)
+    stand_in = "" if scale == "paper" else "; ours are cpu-scale stand-ins" \
+        if scale == "cpu" else f"; ours are {scale}-scale stand-ins"
+    fig.suptitle(f"{exp.title}: robustness against training cost{stand_in}", fontsize=10)
+    notes = ([f"not shown (ours): {', '.join(missing)}"] if missing else []) + \
+        ([f"not shown (paper, no reported time): {', '.join(untimed)}"] if untimed else [])
+    if notes:
+        fig.text(0.01, -0.02, ".  ".join(notes), fontsize=8, color="grey")
+    fig.tight_layout()
+    return fig
+
+
+def write_pareto(scale: str, results_dir: str | Path, out_dir: Path) -> list[Path]:
+    """pareto_<table>.{png,pdf} for every table of the paper with runs at this scale (not the
+    suite's own sweeps, which have no paper points to show beside ours)."""
+    from .tables import table_frame, tables_with_results
+
+    written: list[Path] = []
+    for name in tables_with_results(scale, results_dir):
+        if not load_experiment(name).paper_csv:
+            continue
+        fig = pareto_figure(name, table_frame(name, scale, results_dir), scale)
+        if fig is not None:
+            written += _save(fig, out_dir, f"pareto_{name}")
+    return written
 
 
 def write_figures(scale: str, results_dir: str | Path = "results") -> list[Path]:
@@ -239,4 +359,5 @@ def write_figures(scale: str, results_dir: str | Path = "results") -> list[Path]
     if run is not None:
         written += _save(fig5_schedule(run), out_dir, "fig5")
     written += write_fig3(runs, out_dir)
+    written += write_pareto(scale, results_dir, out_dir)
     return written

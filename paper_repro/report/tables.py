@@ -2,7 +2,9 @@
 
 Each table is written as Markdown, CSV and LaTeX to results/tables/<scale>/<name>.*.
 Cells are computed from `results.load()` and the paper's numbers from results/paper/*.csv;
-a row that has no finished run shows empty measured cells and "not run".
+a row that has no finished run shows empty measured cells and "not run"; a row with a run
+whose record or config cannot be read shows empty measured cells and "unreadable" (never a
+mean over the seeds that could be read), and every other row renders as it would without it.
 """
 from __future__ import annotations
 
@@ -78,7 +80,10 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
         done = mine[mine["status"] == results.STATUS_DONE] if not mine.empty else mine
         line: dict[str, Any] = {"row": rid, "method": row.get("label", rid),
                                 "arch": None, "dataset": None, "scale": scale, "n_seeds": 0}
-        if not done.empty:
+        unreadable = not mine.empty and (mine["status"] == results.STATUS_UNREADABLE).any()
+        if unreadable:
+            line["status"] = results.STATUS_UNREADABLE  # `results.problems` says which file
+        elif not done.empty:
             if done["cell_hash"].nunique() > 1:
                 raise ReproError(f"{name}/{rid} at scale {scale}: runs with different configs "
                                  f"({', '.join(sorted(done['cell_hash'].unique()))}) would be "
@@ -117,7 +122,10 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
             line["diff_pgd"] = line["pgd_acc"] - float(line.get("paper_pgd", math.nan))
         lines.append(line)
     diffs = ["diff_clean", "diff_pgd"] if scale == "paper" else []
-    return pd.DataFrame(lines).reindex(columns=COLUMNS + diffs)  # every column, always
+    frame = pd.DataFrame(lines).reindex(columns=COLUMNS + diffs)  # every column, always
+    # a count stays a count when some row has none (not run, unreadable): 1000, never 1000.0
+    frame["eval_n"] = frame["eval_n"].astype("Int64")
+    return frame
 
 
 def cell_checks(values: pd.Series | None) -> str:

@@ -1,0 +1,439 @@
+"""Trained models out of the store: load one, get the images it was measured on, export it.
+
+    load_model(run)            the network of a run in the store (`cpu/table1/aft/seed0`) or of an
+                               exported folder, in eval mode, taking [0,1] images (normalisation is
+                               its first layer): ready for torchattacks, AutoAttack or inference
+    load_test_images(run, n=None)
+                               its dataset's test images as [0,1] floats; with n, the fixed subset
+                               of n images on which every run's PGD-20 is measured
+    export_model(run, out)     model.safetensors + model_info.json + README.md (a model card)
+
+A run's weights are its `checkpoint.pt` (`select="final"`) or, where the run kept one, its
+`best.pt` (`select="best"`); checkpoints are not in git, so a run must have been trained on this
+machine (or its checkpoint copied back). Checkpoints are read with `torch.load(weights_only=True)`
+and CRC-checked first.
+
+An export holds weights only, as safetensors (no pickle: nothing runs when it is read), and
+model_info.json records the file's sha256; `load_model` refuses a file whose hash differs (a
+tampered or damaged file) with one line. The hash guards integrity, not authorship: whoever can
+edit the folder can edit both files. model_info.json uses the keys of RobustBench's model cards
+(name, link, dataset, architecture, eps, clean_acc, reported, autoattack_acc, additional_data,
+number_forward_passes, footnote; accuracies as numbers, not strings) plus what this suite knows:
+threat model, PGD-20 accuracy, the evaluation protocol and its image counts, the training method
+and recipe, the code version and the config hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import results
+from .checkpoints import load_weights
+from .config import RunConfig, build_config, list_experiments, load_experiment
+from .data import dataset_info
+from .errors import CheckpointError, ConfigError, ReproError
+from .models import ImageClassifier, build_model, create_model
+
+__all__ = ["export_model", "load_model", "load_test_images"]
+
+EXPORT_FORMAT = 1  # model_info.json's `export_format`; a newer one is refused
+WEIGHTS, INFO, CARD = "model.safetensors", "model_info.json", "README.md"
+SELECT = {"final": "checkpoint.pt", "best": "best.pt"}
+PAPER_LINK = "https://arxiv.org/abs/2012.13628"  # Jeddi, Shafiee & Wong 2020
+# Test-split sizes: clean accuracy is measured on the whole split (evaluation.py); a streamed
+# dataset (ImageNet) measures it on the fixed subset of eval_n images instead.
+_TEST_SET_SIZE = {"fashion-mnist": 10_000, "cifar10": 10_000, "cifar100": 10_000}
+_NOT_RECIPE = {"experiment", "row", "scale", "seed", "device", "results_dir", "data_root",
+               "deterministic", "max_steps", "aa_n", "eval_checks"}
+
+
+def _trained_network(cfg: RunConfig, checkpoint: Path) -> ImageClassifier:
+    """The run's network with the checkpoint's weights."""
+    model = build_model(cfg, dataset_info(cfg.dataset))
+    load_weights(model, checkpoint)  # torch.load(weights_only=True), strict state dict
+    return model
+
+
+# --- finding a run or an export ------------------------------------------------------------
+
+def _locate(run: str | Path, results_dir: str | Path) -> tuple[str, Path]:
+    """("export", folder) for an exported folder, ("run", folder) for a run of the store.
+    `run` is a run path in the store (optionally `run:`-prefixed) or a folder."""
+    text = str(run)
+    spec = text.removeprefix("run:")
+    folder = Path(spec)
+    if (folder / INFO).is_file():
+        return "export", folder
+    if not text.startswith("run:") and (folder / "record.json").is_file():
+        return "run", folder  # a run folder given as a path
+    in_store = results.run_dir(results_dir, spec)
+    if (in_store / "record.json").is_file() or (in_store / "config.json").is_file():
+        return "run", in_store
+    raise ReproError(f"{text!r} is neither an exported folder (with {INFO}) nor a run in "
+                     f"{results.runs_root(results_dir)} (a run path such as "
+                     "cpu/table1/aft/seed0; another store: results_dir= / --results-dir)")
+
+
+def _stored_config(directory: Path) -> tuple[RunConfig, dict[str, Any]]:
+    """The run's config rebuilt from its config.json (and the stored dict itself)."""
+    stored = results.read_json(directory / "config.json")
+    if stored is None:
+        raise ReproError(f"{directory / 'config.json'}: missing; not a run of this suite")
+    values = {k: v for k, v in stored.items() if k != "config_hash"}
+    try:
+        return build_config((f"{directory / 'config.json'}", values)), stored
+    except ConfigError as e:
+        raise ConfigError(f"{directory / 'config.json'}: {e}") from None
+
+
+def _rerun_hint(cfg: RunConfig) -> str:
+    if cfg.experiment in list_experiments():
+        seed = f" --seed {cfg.seed}" if cfg.seed else ""
+        return (f"python -m paper_repro run --experiment {cfg.experiment} --row {cfg.row} "
+                f"--scale {cfg.scale}{seed}")
+    return "the command that trained it"
+
+
+def _checkpoint(directory: Path, cfg: RunConfig, select: str) -> Path:
+    """The weights file `select` names, whole (CRC-checked), or a one-line error."""
+    if select not in SELECT:
+        raise ConfigError(f"select: '{select}' is not one of {', '.join(SELECT)}")
+    path = directory / SELECT[select]
+    if select == "best" and not path.is_file():
+        raise CheckpointError(f"{cfg.run_path} has no best.pt (only a run that keeps its best "
+                              "epoch has one); use select final (--select final)")
+    if not path.is_file():
+        raise CheckpointError(f"{cfg.run_path}: no checkpoint.pt in {directory} (checkpoints are "
+                              f"not in git): train the run here with `{_rerun_hint(cfg)}`, "
+                              "or copy its checkpoint.pt back")
+    why = results.check_checkpoint(path)
+    if why:
+        raise CheckpointError(f"{path}: {why}; train the run again or copy a whole checkpoint "
+                              "back")
+    return path
+
+
+def _done_run(directory: Path) -> tuple[RunConfig, dict[str, Any], dict[str, Any]]:
+    """(config, stored config, record) of a finished run; a one-line error otherwise."""
+    record = results.read_record(directory)
+    cfg, stored = _stored_config(directory)
+    if not record or record.get("status") != results.STATUS_DONE:
+        status = (record or {}).get("status", "no record")
+        raise ReproError(f"{cfg.run_path} is not done ({status}): its checkpoint is not a "
+                         f"finished model; finish it first (`{_rerun_hint(cfg)}`)")
+    return cfg, stored, record
+
+
+# --- loading -------------------------------------------------------------------------------
+
+def load_model(run: str | Path, *, select: str = "final", results_dir: str | Path = "results",
+               device: str | torch.device = "cpu") -> ImageClassifier:
+    """The trained network of `run`, in eval mode, taking [0,1] images.
+
+    `run` is a run path in the store (`cpu/table1/aft/seed0`, below `results_dir`/runs), a run
+    folder, or a folder written by `export_model`. `select` picks a run's final weights
+    (checkpoint.pt) or its best epoch's (best.pt, where the run kept one).
+
+    Example:
+        >>> model = load_model("cpu/table1/aft/seed0")
+        >>> model = load_model("exported/aft-fmnist")     # checks model.safetensors' sha256
+    """
+    kind, folder = _locate(run, results_dir)
+    if kind == "export":
+        model, _info = _load_export(folder)
+    else:
+        cfg, _stored, _record = _done_run(folder)
+        model = _trained_network(cfg, _checkpoint(folder, cfg, select))
+    return model.to(device).eval()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_info(folder: Path) -> dict[str, Any]:
+    try:
+        info = json.loads((folder / INFO).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / INFO}: unreadable ({' '.join(str(e).split())}); "
+                              "export the model again") from None
+    if not isinstance(info, dict) or "weights" not in info or "model" not in info:
+        raise CheckpointError(f"{folder / INFO}: not a model_info.json of this suite")
+    if info.get("export_format", 0) > EXPORT_FORMAT:
+        raise CheckpointError(f"{folder / INFO}: export format {info['export_format']} is newer "
+                              f"than this code reads ({EXPORT_FORMAT}); update the code")
+    return info
+
+
+def _load_export(folder: Path) -> tuple[ImageClassifier, dict[str, Any]]:
+    """An exported model, after checking its weights file against the recorded sha256."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    info = _read_info(folder)
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing; export the model again")
+    want, got = info["weights"].get("sha256"), _sha256(weights)
+    if got != want:
+        raise CheckpointError(f"{weights}: sha256 {got[:16]}... differs from {INFO}'s "
+                              f"{str(want)[:16]}...: the file was changed or damaged after "
+                              "export; refusing it (export the model again)")
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: not a whole safetensors file "
+                              f"({' '.join(str(e).split())})") from None
+    m = info["model"]
+
+    def buffer(key: str) -> list[float] | None:
+        return state[key].flatten().tolist() if key in state else None
+
+    model = create_model(m["arch"], num_classes=m["num_classes"], in_channels=m["in_channels"],
+                         mean=buffer("normalize.mean"), std=buffer("normalize.std"),
+                         **m.get("model_args", {}))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{weights}: does not fit {m['arch']} ({first})") from None
+    return model, info
+
+
+def load_test_images(run: str | Path, n: int | None = None, *,
+                     results_dir: str | Path = "results") -> tuple[torch.Tensor, torch.Tensor]:
+    """(images as float [0,1] N×C×H×W, labels) of the run's test set: all of it (where its
+    clean accuracy is measured), or with `n` the fixed subset of n images that every run's
+    PGD-20 uses (the record's `eval_n`)."""
+    from .data import dataset_info, load_arrays
+    from .evaluation import fixed_subset
+
+    kind, folder = _locate(run, results_dir)
+    if kind == "export":
+        dataset, data_root = _read_info(folder)["dataset"], None
+    else:
+        cfg, _stored = _stored_config(folder)
+        dataset, data_root = cfg.dataset, cfg.data_root
+    if not dataset_info(dataset).in_memory:
+        raise ConfigError(f"load_test_images: {dataset} streams from disk; read its val/ folder "
+                          "with paper_repro.data instead")
+    images, labels = load_arrays(dataset, data_root, train=False)
+    idx = fixed_subset(len(labels), n)
+    return images[idx].float().div_(255), labels[idx]
+
+
+# --- exporting -----------------------------------------------------------------------------
+
+def _eps_text(eps: float) -> str:
+    """8/255 for a multiple of 1/255, else the plain number (0.1)."""
+    k = eps * 255
+    return f"{round(k)}/255" if eps and abs(k - round(k)) < 1e-6 else f"{eps:g}"
+
+
+def _architecture(cfg: RunConfig, num_classes: int, in_channels: int) -> dict[str, Any]:
+    """The network's name as the library that can rebuild it spells it, and the call."""
+    library, colon, name = cfg.arch.partition(":")
+    if not colon:
+        args = "".join(f", {k}={v!r}" for k, v in cfg.model_args.items())
+        return {"library": "paper_repro", "architecture": cfg.arch,
+                "build": f"paper_repro.create_model({cfg.arch!r}, num_classes={num_classes}, "
+                         f"in_channels={in_channels}{args})"}
+    call = {"torchvision": "torchvision.models.get_model", "timm": "timm.create_model"}[library]
+    return {"library": library, "architecture": name,
+            "build": f"{call}({name!r}, num_classes={num_classes})"}
+
+
+def _normalization(model: ImageClassifier) -> dict[str, Any]:
+    kind = type(model.normalize).__name__
+    if kind == "Normalize":
+        return {"kind": "mean-std", "mean": model.normalize.mean.flatten().tolist(),
+                "std": model.normalize.std.flatten().tolist()}
+    if kind == "PerImageStandardize":
+        return {"kind": "per-image standardisation", "input_scale": model.normalize.input_scale}
+    return {"kind": "none"}
+
+
+def _label(cfg: RunConfig) -> str:
+    try:
+        return str(load_experiment(cfg.experiment).row(cfg.row).get("label", cfg.method))
+    except ConfigError:
+        return cfg.method
+
+
+def _uses_extra_data(cfg: RunConfig) -> bool:
+    """RobustBench's `additional_data`: data beyond the training set, in training, in its
+    pre-training, or in weights it started from."""
+    pretrain = cfg.pretrain or {}
+    return bool(cfg.extra_data or pretrain.get("extra_data")
+                or (cfg.init or "").startswith(("torchvision:", "timm:")))
+
+
+def model_info(cfg: RunConfig, stored: dict[str, Any], record: dict[str, Any],
+               model: ImageClassifier, select: str) -> dict[str, Any]:
+    """model_info.json without its `weights` entry (which describes the written file)."""
+    from .data import dataset_info
+    from .evaluation import AA_ATTACKS
+
+    info = dataset_info(cfg.dataset)
+    measured = select == "final"  # the record's numbers are the final model's
+    acc = {k: (record.get(k) if measured else None) for k in ("clean_acc", "pgd_acc", "aa_acc")}
+    steps = record.get("eval_steps", cfg.eval_steps)
+    alpha = record.get("eval_alpha") or cfg.eval_alpha_value
+    train_eps = record.get("train_eps")
+    aa_n = int(record["aa_n"]) if record.get("aa_acc") is not None else 0
+    clean_n = _TEST_SET_SIZE.get(cfg.dataset) if info.in_memory else record.get("eval_n")
+    protocol = (f"clean accuracy on the full test set; PGD-{steps} (L∞, ε = {_eps_text(cfg.eps)}, "
+                f"α = {alpha:g}, one random start, eval mode, fp32) on a fixed subset of "
+                f"{record.get('eval_n')} test images"
+                + (f"; standard AutoAttack ({record.get('aa_package')}: {AA_ATTACKS}) on the "
+                   f"first {aa_n} of them" if aa_n else "; AutoAttack not run"))
+    footnote = "" if cfg.scale == "paper" else (
+        f"{cfg.scale}-scale stand-in, not the paper's setting: {cfg.dataset}, {cfg.arch} "
+        "(see the experiment file paper_repro/experiments/"
+        f"{cfg.experiment}.toml). ")
+    if not measured:
+        footnote += ("Weights of the run's best epoch (best.pt): the record's accuracies are the "
+                     "final model's, so none are given here. ")
+    arch = _architecture(cfg, info.num_classes, info.channels)
+    return {
+        "export_format": EXPORT_FORMAT,
+        "name": f"{_label(cfg)}, {cfg.arch} on {cfg.dataset} ({cfg.run_path})",
+        "link": PAPER_LINK,
+        "dataset": cfg.dataset,
+        "threat_model": "Linf",
+        "eps": _eps_text(cfg.eps),
+        "eps_value": cfg.eps,
+        "architecture": arch["architecture"],
+        "additional_data": _uses_extra_data(cfg),
+        "number_forward_passes": 1,
+        "clean_acc": acc["clean_acc"],
+        "reported": acc["pgd_acc"],  # RobustBench: the robust accuracy the training paper reports
+        "pgd20_acc": acc["pgd_acc"] if steps == 20 else None,
+        "autoattack_acc": acc["aa_acc"],
+        "footnote": footnote.strip(),
+        "evaluation": {"protocol": protocol, "clean_n": clean_n, "pgd_n": record.get("eval_n"),
+                       "aa_n": aa_n, "pgd_steps": steps, "pgd_alpha": alpha,
+                       "random_starts": 1, "batch": cfg.eval_batch,
+                       "aa_version": record.get("aa_version"),
+                       "aa_package": record.get("aa_package"),
+                       "checks": record.get("checks"), "measured_on": select == "final"},
+        "training": {"method": cfg.method, "label": _label(cfg), "run": cfg.run_path,
+                     "experiment": cfg.experiment, "row": cfg.row, "scale": cfg.scale,
+                     "seed": cfg.seed, "weights": f"{SELECT[select]} ({select})",
+                     "epochs_done": record.get("epochs_done"),
+                     "train_eps": cfg.eps if train_eps is None else train_eps,
+                     "train_minutes": record.get("train_minutes"),
+                     "train_flops": record.get("train_flops"),
+                     "pretrain_source": record.get("pretrain_source") or None,
+                     "recipe": {k: v for k, v in stored.items()
+                                if k not in _NOT_RECIPE and k != "config_hash"}},
+        "model": {**arch, "arch": cfg.arch, "num_classes": info.num_classes,
+                  "in_channels": info.channels, "image_size": info.size,
+                  "model_args": cfg.model_args,
+                  "input": "[0,1] images, N x C x H x W; the normalisation is inside the model",
+                  "normalization": _normalization(model),
+                  "state_dict": "net.<the network's own keys>, normalize.<mean, std buffers>"},
+        "code": record.get("code"),
+        "config_hash": stored.get("config_hash"),
+        "cell_hash": record.get("cell_hash"),
+    }
+
+
+def model_card(info: dict[str, Any]) -> str:
+    """README.md of an export: what the model is, how it was measured, how to load it."""
+    def pct(v: Any) -> str:
+        return "not measured" if v is None else f"{v:.2f}%"
+
+    ev, tr, m = info["evaluation"], info["training"], info["model"]
+    code = info.get("code") or {}
+    sha = code.get("git_sha", "unknown") + (" (dirty)" if code.get("git_dirty") else "")
+    lines = [
+        f"# {info['name']}", "",
+        f"An L∞-robust image classifier trained by the AFT reproduction suite (paper_repro), "
+        f"run `{tr['run']}`: method {tr['label']} (`{tr['method']}`), {m['arch']} on "
+        f"{info['dataset']}, ε = {info['eps']}.", "",
+        "| | |", "|---|---|",
+        f"| clean accuracy | {pct(info['clean_acc'])} ({ev['clean_n']} test images) |",
+        f"| PGD-{ev['pgd_steps']} accuracy | {pct(info['reported'])} ({ev['pgd_n']} images) |",
+        f"| AutoAttack accuracy | {pct(info['autoattack_acc'])} ({ev['aa_n']} images) |",
+        f"| threat model | {info['threat_model']}, ε = {info['eps']} |",
+        f"| architecture | `{m['architecture']}` ({m['library']}) |",
+        f"| training | {tr['label']}, {tr['epochs_done']} epochs, train ε = {tr['train_eps']:g}, "
+        f"{tr['weights']} |",
+        f"| gradient-masking checks | {ev['checks']} |",
+        f"| config hash | `{info['config_hash']}` |",
+        f"| code | `{sha}` |",
+        f"| weights | `{WEIGHTS}`, sha256 `{info['weights']['sha256']}` |", "",
+        f"Evaluation protocol: {ev['protocol']}.", "",
+    ]
+    if info["footnote"]:
+        lines += [f"Note: {info['footnote']}", ""]
+    lines += [
+        "## Use", "",
+        "```python",
+        "import paper_repro",
+        "model = paper_repro.load_model(\"THIS_FOLDER\")  # eval mode; checks the sha256",
+        "logits = model(images)  # images: float in [0,1], N x C x H x W",
+        "```", "",
+        f"Without this suite: `{WEIGHTS}` is a safetensors file of the whole model's state dict: "
+        f"`net.*` is the network's own state dict (`{m['build']}`) and `normalize.*` its input "
+        f"normalisation ({m['normalization']['kind']}), applied to [0,1] images before the "
+        "network.", "",
+        f"The full recipe, the evaluation details and the provenance are in `{INFO}`.", "",
+    ]
+    return "\n".join(lines)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ReproError(f"{out} exists and is not an empty folder; choose another --out or "
+                         "remove it (an export never overwrites)")
+
+
+def export_model(run: str | Path, out: str | Path, *, select: str = "final",
+                 results_dir: str | Path = "results") -> Path:
+    """Write a run's model to the folder `out`: model.safetensors, model_info.json, README.md.
+
+    The folder is written whole or not at all (a temporary folder, then a rename), and an
+    existing non-empty `out` is refused. Returns `out`.
+    """
+    from safetensors.torch import save_file
+
+    kind, folder = _locate(run, results_dir)
+    if kind == "export":
+        raise ReproError(f"{run} is already an export; copy the folder instead")
+    cfg, stored, record = _done_run(folder)
+    out = Path(out)
+    _check_out(out)
+    model = _trained_network(cfg, _checkpoint(folder, cfg, select)).eval()
+    info = model_info(cfg, stored, record, model, select)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}{results.TEMP_SUFFIX}"
+    tmp.mkdir()
+    try:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "run": cfg.run_path})
+        info["weights"] = {"file": WEIGHTS, "format": "safetensors",
+                           "sha256": _sha256(tmp / WEIGHTS),
+                           "bytes": (tmp / WEIGHTS).stat().st_size, "tensors": len(state),
+                           "parameters": sum(p.numel() for p in model.parameters())}
+        (tmp / INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        (tmp / CARD).write_text(model_card(info))
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
