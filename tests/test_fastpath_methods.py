@@ -175,6 +175,8 @@ def test_compiled_training_does_not_recompile_or_compute_weight_gradients_in_att
     assert counters["frames"]["total"] == compiled, "recompiled after the first steps"
     _assert_trained(b, losses)
     _assert_close_to_fp32_eager(method, losses[0], bf16=fast["precision"] == "bf16")
+    if fast["channels_last"]:
+        assert all(_is_nhwc(w) for w in _conv_weights(b.model))
     if kind is None:
         assert probe.attack_calls == 0
         return
