@@ -119,22 +119,26 @@ class Bench:
         return stats
 
 
-def make_bench(cfg: RunConfig, steps: int, seed: int = 0) -> Bench:
-    """Model, method and `steps` minibatches of synthetic data of the dataset's shape."""
+def make_bench(cfg: RunConfig, steps: int, seed: int = 0,
+               data: tuple[torch.Tensor, torch.Tensor] | None = None) -> Bench:
+    """Model, method and `steps` minibatches of synthetic data of the dataset's shape (or the
+    given uint8 images and labels: `gpucheck` trains on learnable ones)."""
     from .runner import build_model, resolve_device, set_determinism
 
     device = resolve_device(cfg.device)
     set_determinism(cfg)  # cuDNN autotuning on (the default for non-deterministic runs)
     info = dataset_info(cfg.dataset)
-    g = torch.Generator().manual_seed(seed)
-    n = cfg.batch_size * steps
-    images = torch.randint(0, 256, (n, info.channels, info.size, info.size), generator=g,
-                           dtype=torch.uint8)
-    labels = torch.randint(0, info.num_classes, (n,), generator=g)
+    if data is None:
+        g = torch.Generator().manual_seed(seed)
+        n = cfg.batch_size * steps
+        data = (torch.randint(0, 256, (n, info.channels, info.size, info.size), generator=g,
+                              dtype=torch.uint8),
+                torch.randint(0, info.num_classes, (n,), generator=g))
+    images, labels = data
     loader = ArrayLoader(images, labels, batch_size=cfg.batch_size, shuffle=True,
                          augment=Augment(pad=cfg.augment_pad, pad_mode=cfg.augment_pad_mode,
                                          pad_value=cfg.augment_pad_value, flip=cfg.augment_flip),
-                         drop_last=True, device=device, seed=seed)
+                         drop_last=cfg.drop_last, device=device, seed=seed)
     torch.manual_seed(seed)
     method = get_method(cfg.method)(cfg)
     model = build_model(cfg, info).to(device)
