@@ -105,6 +105,14 @@ def test_the_budget_skips_what_does_not_fit_and_says_so(tmp_path, capsys):
     assert all(r["hours"] is None for r in check["table1_hours"])
 
 
+def test_a_piece_whose_minimum_does_not_fit_is_not_started():
+    budget, report = gpucheck.Budget(60), gpucheck.Report()
+    ran = []
+    gpucheck._run_piece("compile a WRN", 120, budget, report, lambda: ran.append(1))
+    gpucheck._run_piece("bench", 1, budget, report, lambda: ran.append(2))
+    assert ran == [2] and report.skipped == ["compile a WRN"] and not report.out_of_time
+
+
 def test_a_piece_still_running_at_the_deadline_is_cut_off():
     budget, report = gpucheck.Budget(0.3), gpucheck.Report()
     handler = signal.getsignal(signal.SIGALRM)
