@@ -8,6 +8,7 @@
 #   ./reproduce.sh status [table1] [--scale S]  each run: done, running, queued, failed (log), not submitted
 #   ./reproduce.sh aggregate [--scale S]      rebuild tables and figures from results/ alone
 #   ./reproduce.sh test [pytest args]         the test suite (what CI runs)
+#   ./reproduce.sh gpucheck                   the one GPU check (<= 8 min; one line and exit 0 without a GPU)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${REPRO_VENV:-.venv}"
@@ -48,7 +49,7 @@ aggregate_flags() {  # the --scale S and --results-dir D among a target's flags,
 }
 
 usage() {
-  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 target="${1:-}"
@@ -80,9 +81,12 @@ case "$target" in
   test)
     ensure_env; ensure_data
     exec "$PY" -m pytest -q "$@" ;;
+  gpucheck)  # no ensure_env: a lent GPU machine has torch but no network to install the rest
+    if [ -x "$PY" ]; then exec "$PY" -m paper_repro gpucheck "$@"; fi
+    exec python3 -m paper_repro gpucheck "$@" ;;
   ""|-h|--help|help)
     usage ;;
   *)
-    echo "reproduce.sh: unknown target '$target' (targets: table1 table2 table3 fig1 fig3 fig4 fig5 all aggregate status test)" >&2
+    echo "reproduce.sh: unknown target '$target' (targets: table1 table2 table3 fig1 fig3 fig4 fig5 all aggregate status test gpucheck)" >&2
     exit 2 ;;
 esac

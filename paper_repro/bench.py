@@ -12,6 +12,11 @@ method's own augmentation on the device):
    YOPO's `layer_one_steps`) watched by a dispatch mode that flags any op computing a parameter
    gradient (a `*_backward` op whose `output_mask` asks for weight or bias, or a backward matmul
    of a Linear weight's shape), and by a before/after check of every parameter's `.grad`.
+   With --compile, one more step after the timed ones: the compiled graphs that attack passes
+   run must return no parameter gradient from their backward graphs (`CompiledGraphProbe`,
+   the compile backend wrapped so that it sees each backward graph: inside a compiled region
+   the dispatch mode sees no ops, and `.grad` stays untouched even when weight gradients are
+   computed, pytorch#132929). Dynamo compilations during the timed passes are counted too.
 3. `--warmup` steps (cuDNN autotuning, compilation), then `--steps` timed steps (one epoch over
    the synthetic set) between device synchronisations.
 4. With `--baseline-loop` (pgd_at, aft): the same PGD-k AT step with the attack written as the
@@ -90,10 +95,13 @@ class Bench:
     global_step: int = 0
     epoch: int = 0
 
-    def context(self, max_batches: int | None = None) -> Context:
-        """A Context for one pass over at most `max_batches` minibatches."""
-        cfg = self.cfg if max_batches is None else \
-            dataclasses.replace(self.cfg, max_steps=self.global_step + max_batches * self.replays)
+    def context(self, max_batches: int | None = None, max_steps: int | None = None) -> Context:
+        """A Context for one pass over at most `max_batches` minibatches (or `max_steps`
+        optimiser steps: Free AT takes `replays` per minibatch)."""
+        if max_batches is not None:
+            max_steps = max_batches * self.replays
+        cfg = self.cfg if max_steps is None else \
+            dataclasses.replace(self.cfg, max_steps=self.global_step + max_steps)
         schedule = make_schedule(cfg.schedule, base_lr=cfg.lr, epochs=cfg.epochs,
                                  **cfg.schedule_args)
         return Context(model=self.model, optimizers=self.optimizers, schedule=schedule,
@@ -102,32 +110,36 @@ class Bench:
                        global_step=self.global_step)
 
     def run(self, epoch_fn: Callable[[Context], dict[str, float]],
-            max_batches: int | None = None) -> dict[str, float]:
+            max_batches: int | None = None, *, max_steps: int | None = None) -> dict[str, float]:
         """One (possibly partial) epoch of `epoch_fn` under the fast path's autocast."""
-        ctx = self.context(max_batches)
+        ctx = self.context(max_batches, max_steps)
         with fastpath.autocast(self.cfg, self.device):
             stats = epoch_fn(ctx)
         self.global_step, self.epoch = ctx.global_step, self.epoch + 1
         return stats
 
 
-def make_bench(cfg: RunConfig, steps: int, seed: int = 0) -> Bench:
-    """Model, method and `steps` minibatches of synthetic data of the dataset's shape."""
+def make_bench(cfg: RunConfig, steps: int, seed: int = 0,
+               data: tuple[torch.Tensor, torch.Tensor] | None = None) -> Bench:
+    """Model, method and `steps` minibatches of synthetic data of the dataset's shape (or the
+    given uint8 images and labels: `gpucheck` trains on learnable ones)."""
     from .environment import resolve_device, set_determinism
     from .models import build_model
 
     device = resolve_device(cfg.device)
     set_determinism(cfg)  # cuDNN autotuning on (the default for non-deterministic runs)
     info = dataset_info(cfg.dataset)
-    g = torch.Generator().manual_seed(seed)
-    n = cfg.batch_size * steps
-    images = torch.randint(0, 256, (n, info.channels, info.size, info.size), generator=g,
-                           dtype=torch.uint8)
-    labels = torch.randint(0, info.num_classes, (n,), generator=g)
+    if data is None:
+        g = torch.Generator().manual_seed(seed)
+        n = cfg.batch_size * steps
+        data = (torch.randint(0, 256, (n, info.channels, info.size, info.size), generator=g,
+                              dtype=torch.uint8),
+                torch.randint(0, info.num_classes, (n,), generator=g))
+    images, labels = data
     loader = ArrayLoader(images, labels, batch_size=cfg.batch_size, shuffle=True,
                          augment=Augment(pad=cfg.augment_pad, pad_mode=cfg.augment_pad_mode,
                                          pad_value=cfg.augment_pad_value, flip=cfg.augment_flip),
-                         drop_last=True, device=device, seed=seed)
+                         drop_last=cfg.drop_last, device=device, seed=seed)
     torch.manual_seed(seed)
     method = get_method(cfg.method)(cfg)
     model = build_model(cfg, info).to(device)
@@ -224,6 +236,89 @@ class ProbeReport:
     attack_calls: int = 0
     wgrad_ops: Counter = dataclasses.field(default_factory=Counter)
     grads_touched: int = 0  # attack calls after which some parameter's .grad differed
+    compiled_graphs: int = 0  # compiled graphs run inside attack passes (with `graphs`)
+    compiled_wgrads: int = 0  # parameter gradients their backward graphs compute
+    compiled_unverified: int = 0  # of those graphs, ones whose backward was never seen
+
+
+@dataclasses.dataclass
+class CompiledGraph:
+    """One graph dynamo handed to the backend, and what its backward graph computes."""
+
+    param_positions: tuple[int, ...]  # which graph inputs are the model's parameters
+    num_inputs: int
+    backward_seen: bool = False
+    weight_gradients: int = 0  # parameter gradients the backward graph returns
+    wgrad_ops: Counter = dataclasses.field(default_factory=Counter)
+    calls_in_attack: int = 0
+
+
+class CompiledGraphProbe:
+    """A torch.compile backend ("inductor" or "aot_eager") that inspects every backward graph.
+
+    Why: inside a compiled region the dispatch-mode probe sees nothing (inductor runs its own
+    kernels), and a parameter's `.grad` stays untouched even when the compiled backward does
+    compute its gradient: `autograd.grad(loss, x)` returns only what was asked, and the
+    compiled backward computes a gradient for every graph input that required grad when it
+    was traced (pytorch#132929). So the backward graph is the evidence: graph input i is a
+    parameter, output i of the backward graph is its gradient (None when not computed).
+    `probing_attacks(graphs=...)` marks the graphs that run inside attack-only passes.
+    """
+
+    def __init__(self, model: nn.Module, backend: str = "inductor") -> None:
+        if backend not in ("inductor", "aot_eager"):
+            raise ConfigError(f"compile backend must be inductor or aot_eager, got '{backend}'")
+        self.param_ids = {id(p) for p in model.parameters()}
+        self.backend = backend
+        self.graphs: list[CompiledGraph] = []
+        self.in_attack = False
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        graph = CompiledGraph(tuple(i for i, t in enumerate(example_inputs)
+                                    if id(t) in self.param_ids or isinstance(t, nn.Parameter)),
+                              num_inputs=len(example_inputs))
+        self.graphs.append(graph)
+
+        def record(bw: torch.fx.GraphModule) -> None:
+            (outputs,) = next(n for n in bw.graph.nodes if n.op == "output").args
+            graph.backward_seen = True
+            if len(outputs) == graph.num_inputs:  # one gradient slot per forward input
+                graph.weight_gradients += sum(outputs[i] is not None
+                                              for i in graph.param_positions)
+            for node in bw.graph.nodes:
+                if node.op == "call_function" and hasattr(node.target, "_schema"):
+                    mask = _output_mask(node.target, node.args, node.kwargs)
+                    if mask is not None and any(mask[1:]):
+                        graph.wgrad_ops[node.target.overloadpacket.__name__] += 1
+
+        import torch._functorch.config as functorch_config
+
+        # a cached graph would skip the backward compiler, and with it the inspection
+        with functorch_config.patch(enable_autograd_cache=False):
+            compiled = self._compile(gm, example_inputs, record)
+
+        def run(*args: Any) -> Any:
+            if self.in_attack:
+                graph.calls_in_attack += 1
+            return compiled(*args)
+        return run
+
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list,
+                 record: Callable[[torch.fx.GraphModule], None]) -> Callable:
+        if self.backend == "inductor":
+            from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+            def inner(g: torch.fx.GraphModule, inputs: list, **kwargs: Any) -> Any:
+                if kwargs.get("is_backward"):
+                    record(g)
+                return compile_fx_inner(g, inputs, **kwargs)
+            return compile_fx(gm, example_inputs, inner_compile=inner)
+        from torch._dynamo.backends.debugging import aot_eager, boxed_nop
+
+        def backward(g: torch.fx.GraphModule, inputs: list) -> Callable:
+            record(g)
+            return boxed_nop(g, inputs)
+        return aot_eager(gm, example_inputs, bw_compiler=backward)
 
 
 # The functions that run attack-only passes (no weight update follows from them).
@@ -232,19 +327,30 @@ _ATTACK_PASSES = (("paper_repro.attacks", "_input_gradient"),
 
 
 @contextlib.contextmanager
-def probing_attacks(model: nn.Module, *, dispatch: bool = True) -> Iterator[ProbeReport]:
-    """Watch every attack-only pass inside the block (see `WeightGradProbe`)."""
+def probing_attacks(model: nn.Module, *, dispatch: bool = True,
+                    graphs: CompiledGraphProbe | None = None) -> Iterator[ProbeReport]:
+    """Watch every attack-only pass inside the block: ops (`WeightGradProbe`, eager code only),
+    parameter `.grad`s, and, with `graphs` (the model's compile backend), the compiled graphs
+    those passes run and the parameter gradients their backward graphs compute."""
     import importlib
 
     report = ProbeReport()
     params = list(model.parameters())
+    calls_before = [g.calls_in_attack for g in graphs.graphs] if graphs else []
 
     def watch(fn: Callable) -> Callable:
         def watched(*args: Any, **kwargs: Any) -> Any:
             before = [None if p.grad is None else p.grad.clone() for p in params]
             probe = WeightGradProbe(model) if dispatch else contextlib.nullcontext()
-            with probe:
-                out = fn(*args, **kwargs)
+            outer = graphs is not None and graphs.in_attack
+            if graphs is not None:
+                graphs.in_attack = True
+            try:
+                with probe:
+                    out = fn(*args, **kwargs)
+            finally:
+                if graphs is not None:
+                    graphs.in_attack = outer
             report.attack_calls += 1
             if dispatch:
                 report.wgrad_ops.update(probe.ops)
@@ -263,6 +369,13 @@ def probing_attacks(model: nn.Module, *, dispatch: bool = True) -> Iterator[Prob
     finally:
         for module, attr, fn in originals:
             setattr(module, attr, fn)
+    if graphs is not None:
+        calls_before += [0] * (len(graphs.graphs) - len(calls_before))
+        used = [g for g, n in zip(graphs.graphs, calls_before) if g.calls_in_attack > n]
+        report.compiled_graphs = len(used)
+        report.compiled_wgrads = sum(g.weight_gradients + sum(g.wgrad_ops.values())
+                                     for g in used)
+        report.compiled_unverified = sum(not g.backward_seen for g in used)
 
 
 def _grad_changed(before: torch.Tensor | None, after: torch.Tensor | None) -> bool:
@@ -334,11 +447,13 @@ def datasheet_peak(device: torch.device) -> float | None:
 def measure(method: str, arch: str, batch: int, *, dataset: str = "cifar10",
             device: str = "auto", precision: str = "auto", channels_last: bool | None = None,
             compile: bool = False, warmup: int = 3, steps: int = 10, repeats: int = 3,
-            baseline_loop: bool = False, model_args: dict | None = None) -> dict[str, Any]:
+            baseline_loop: bool = False, model_args: dict | None = None,
+            compile_backend: str = "inductor") -> dict[str, Any]:
     """Benchmark one configuration; returns its JSON entry (see the module docstring).
 
     The timed pass is repeated `repeats` times (alternating with the baseline loop's, if any)
     and the fastest is kept: on a shared machine the minimum is the least disturbed figure.
+    `compile_backend` "aot_eager" is for CPU tests (inductor's C++ compile takes minutes there).
     """
     if steps < 1 or warmup < 0 or repeats < 1:
         raise ConfigError("bench: --steps and --repeats must be >= 1, --warmup >= 0")
@@ -357,8 +472,9 @@ def measure(method: str, arch: str, batch: int, *, dataset: str = "cifar10",
     gflop_per_image = counter.get_total_flops() / batch / 1e9
     with probing_attacks(model) as probe:  # eager, every op visible to the dispatch mode
         bench.run(bench.method.train_epoch, max_batches=1)
-    if compile:
-        fastpath.prepare_model(model, cfg, dev)  # compiles in place; the rest is already done
+    graphs = CompiledGraphProbe(model, compile_backend) if compile else None
+    if compile:  # compiles in place; the rest is already done
+        fastpath.prepare_model(model, cfg, dev, backend=graphs)
     ours = bench.method.train_epoch
     reference = functools.partial(adversarial_epoch, settings=bench.method.settings,
                                   attack=reference_attack_step)
@@ -366,6 +482,7 @@ def measure(method: str, arch: str, batch: int, *, dataset: str = "cifar10",
     for epoch_fn in contenders:
         if warmup:
             bench.run(epoch_fn, max_batches=warmup)
+    compilations = _dynamo_compilations()
     resolved = fastpath.resolve_precision(cfg, dev)
     gemm = GemmPeak(dev, torch.bfloat16 if resolved == "bf16" else torch.float32)
     times: dict[Any, list[float]] = {fn: [] for fn in contenders}
@@ -375,8 +492,10 @@ def measure(method: str, arch: str, batch: int, *, dataset: str = "cifar10",
             times[epoch_fn].append(_timed(bench, epoch_fn, steps))
     gemm.time_round()
     seconds = min(times[ours])
-    if compile:  # the compiled attack passes must not touch .grad either
-        with probing_attacks(model, dispatch=False) as compiled_probe:
+    recompiles = _dynamo_compilations() - compilations  # during the timed passes: should be 0
+    compiled_probe = ProbeReport()
+    if compile:  # the compiled attack passes: their backward graphs, and .grad untouched
+        with probing_attacks(model, dispatch=False, graphs=graphs) as compiled_probe:
             bench.run(bench.method.train_epoch, max_batches=1)
         probe.grads_touched += compiled_probe.grads_touched
 
@@ -401,13 +520,20 @@ def measure(method: str, arch: str, batch: int, *, dataset: str = "cifar10",
         "gemm_peak_tflops": round(gemm.tflops, 4), "gemm_dtype": resolved,
         "mfu_measured": round(tflops / gemm.tflops, 4),
         "wgrad_in_attack": None if attack_free else
-        bool(probe.wgrad_ops) or probe.grads_touched > 0,
+        bool(probe.wgrad_ops) or probe.grads_touched > 0 or compiled_probe.compiled_wgrads > 0,
         "wgrad_ops_in_attack": dict(probe.wgrad_ops),
         "attack_passes_probed": probe.attack_calls,
         "torch": torch.__version__,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if compile:
+        entry.update(compile_backend=compile_backend,
+                     compiled_attack_graphs=compiled_probe.compiled_graphs,
+                     compiled_wgrads_in_attack=compiled_probe.compiled_wgrads,
+                     recompiles_while_timed=recompiles)
     notes = []
+    if compiled_probe.compiled_unverified:
+        notes.append("wgrad_in_attack: a compiled attack graph's backward was not inspected")
     if peak is None:
         notes.append("mfu_datasheet: no bf16 datasheet peak for this device"
                      + (" (CPU)" if dev.type != "cuda" else ""))
@@ -430,6 +556,13 @@ def measure(method: str, arch: str, batch: int, *, dataset: str = "cifar10",
             baseline_gflop_per_image=round(ref_counter.get_total_flops() / batch / 1e9, 4),
             speedup_vs_baseline_loop=round(images_per_s / ref_images_per_s, 3))
     return entry
+
+
+def _dynamo_compilations() -> int:
+    """Frames dynamo has compiled (or tried to) so far: a cache hit does not count."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"]
 
 
 # --- the store ------------------------------------------------------------------------------

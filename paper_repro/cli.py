@@ -1,4 +1,5 @@
-"""`python -m paper_repro`: run, finetune, sweep, table, aggregate, status, export, bench.
+"""`python -m paper_repro`: run, finetune, sweep, table, aggregate, status, export, bench,
+gpucheck.
 
 Every user error (bad flag value, missing data, unsafe checkpoint...) ends as one line on
 stderr and exit status 2; nothing already in the results store is overwritten. A run of the
@@ -380,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="images/s, FLOPs and MFU of one method's training step")
     bench.add_arguments(p)
     p.set_defaults(func=bench.main)
+
+    from . import gpucheck
+    p = sub.add_parser("gpucheck", help="the one GPU check (<= 8 min): bench of every Table 1 "
+                       "pair eager and compiled, a PGD-10 epoch, bf16 vs fp32, Table 1's hours")
+    gpucheck.add_arguments(p)
+    p.set_defaults(func=gpucheck.main)
     return parser
 
 

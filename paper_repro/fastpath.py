@@ -4,7 +4,9 @@ Every method trains through the runner, which (1) prepares the model once with `
 and (2) runs each training epoch inside `autocast`. Nothing else in the suite knows about
 precision; the methods and the attack code are the same in fp32 and bf16.
 
-- **bf16 autocast** (`precision`: "auto" = bf16 on CUDA, fp32 elsewhere). Autocast casts only
+- **bf16 autocast** (`precision`: "auto" = bf16 on CUDA, fp32 elsewhere; an explicit "bf16" is
+  honoured on the CPU too, with CPU autocast: that is how tests/test_fastpath_methods.py runs
+  the GPU's numerics on a CPU). Autocast casts only
   the model's convolutions and matmuls; the images x, the perturbation δ, the projection and
   clamp arithmetic and the losses stay fp32 (attacks take `logits.float()`). The first conv
   (the stem) runs outside autocast in fp32, so x + δ reaches the network unquantised: at pixel
@@ -13,7 +15,9 @@ precision; the methods and the attack code are the same in fp32 and bf16.
 - **channels_last** (`channels_last`: None = on with CUDA): the conv weights become NHWC; cuDNN
   then runs every conv NHWC, which tensor cores prefer.
 - **torch.compile** (`compile`, `--compile`): compiled in place (`nn.Module.compile`), so the
-  state-dict keys, `model.stem` and checkpoints are unchanged. Attacks freeze the parameters
+  state-dict keys, `model.stem` and checkpoints are unchanged. The backend is inductor;
+  `prepare_model(backend=...)` takes another (tests: "aot_eager"; the benchmark: a recording
+  wrapper around inductor, `bench.CompiledGraphProbe`). Attacks freeze the parameters
   (`attacks.frozen_parameters`), so the compiled attack graph has no weight gradients
   (pytorch#132929); dynamo compiles that graph once next to the training one.
 - Evaluation (`evaluation.py`) runs outside `autocast`: the table protocol stays fp32.
@@ -24,7 +28,7 @@ is the identity, so CPU numerics are bit-identical to a run without the fast pat
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -34,6 +38,7 @@ from .config import RunConfig
 PRECISIONS = ("auto", "fp32", "bf16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _RECOMPILE_LIMIT = 64  # train/eval BN × attack/update × autocast on/off × last-batch shapes
+COMPILE_BACKEND = "inductor"
 
 
 def resolve_precision(cfg: RunConfig, device: torch.device) -> str:
@@ -60,8 +65,12 @@ def autocast(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def prepare_model(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:
-    """Apply channels_last, the fp32 stem and compilation to `model` in place; returns it."""
+def prepare_model(model: nn.Module, cfg: RunConfig, device: torch.device, *,
+                  backend: str | Callable[..., Any] | None = None) -> nn.Module:
+    """Apply channels_last, the fp32 stem and compilation to `model` in place; returns it.
+
+    `backend` is torch.compile's (None: `COMPILE_BACKEND`, inductor); only used with cfg.compile.
+    """
     if uses_channels_last(cfg, device):
         model.to(memory_format=torch.channels_last)
     if resolve_precision(cfg, device) != "fp32":
@@ -73,7 +82,7 @@ def prepare_model(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.
 
         # Each (BN mode, frozen parameters, autocast state, batch shape) is its own graph.
         dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, _RECOMPILE_LIMIT)
-        model.compile(dynamic=False)
+        model.compile(backend=backend or COMPILE_BACKEND, dynamic=False)
     return model
 
 
