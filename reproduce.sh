@@ -19,7 +19,7 @@ ensure_env() {
     echo "creating $VENV" >&2
     python3 -m venv "$VENV"
   fi
-  if ! "$PY" -c 'import paper_repro, torch, torchvision, timm, pyautoattack, torchattacks, submitit, pandas, seaborn, sklearn, tabulate, tqdm, pytest, pytest_timeout' 2>/dev/null; then
+  if ! "$PY" -c 'import paper_repro, torch, torchvision, timm, pyautoattack, torchattacks, submitit, pandas, seaborn, sklearn, tabulate, tqdm, pytest, pytest_timeout, tensorboard' 2>/dev/null; then
     echo "installing the package and its dependencies into $VENV (torch brings ~6 GB of CUDA libraries; it runs on CPU too)" >&2
     "$VENV/bin/pip" install -q --upgrade pip
     "$VENV/bin/pip" install -q -e ".[test]"

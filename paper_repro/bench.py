@@ -25,23 +25,23 @@ method's own augmentation on the device):
 MFU = achieved FLOP/s ÷ the device's bf16 dense datasheet peak, and ÷ a measured GEMM peak
 (a large matmul in the run's compute dtype). One entry per (method, arch, batch, compile,
 precision, dataset) is merged into results/bench/<device>.json.
+
+Over 400 lines on purpose: a benchmark is one story read top to bottom (config, step, timing,
+MFU, store, command line); the probes it runs live in probes.py, the GPU check in gpucheck.py.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import re
 import time
-from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from baselines.pgd_at import adversarial_epoch
 
@@ -52,6 +52,7 @@ from .data import Augment, ArrayLoader, dataset_info
 from .errors import ConfigError
 from .flops import TotalFlopCounter
 from .methods import Context, Method, get_method
+from .probes import CompiledGraphProbe, ProbeReport, probing_attacks
 from .schedules import make_schedule
 
 GRID_ARCHS = ("preact-resnet18", "wrn-28-10", "wrn-34-10")
@@ -179,211 +180,6 @@ def reference_attack_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return x_adv
 
 
-# --- the weight-gradient probe --------------------------------------------------------------
-
-_MATMULS = ("mm", "addmm", "bmm", "baddbmm")
-# autograd nodes that only cast, view or transpose: a parameter behind them is a direct input
-_LAYOUT_NODES = ("TBackward0", "ToCopyBackward0", "ViewBackward0", "UnsafeViewBackward0",
-                 "TransposeBackward0", "PermuteBackward0", "ExpandBackward0",
-                 "ReshapeAliasBackward0")
-
-
-class WeightGradProbe(TorchDispatchMode):
-    """Counts the ops that compute a parameter gradient while it is active.
-
-    A backward op with an `output_mask` (convolution, batch norm) computes a weight/bias
-    gradient when mask[1:] asks for it. A matmul run by a backward node (a Linear's
-    AddmmBackward) computes one when that node passes a gradient on to a parameter.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.param_ids = {id(p) for p in model.parameters()}
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        mask = _output_mask(func, args, kwargs)
-        if mask is not None:
-            if any(mask[1:]):
-                self.ops[name] += 1
-        elif name in _MATMULS:
-            node = torch._C._current_autograd_node()
-            if node is not None and any(fn is not None and self._reaches_parameter(fn)
-                                        for fn, _ in node.next_functions):
-                self.ops[name] += 1
-        return func(*args, **kwargs)
-
-    def _reaches_parameter(self, fn: Any, depth: int = 4) -> bool:
-        if hasattr(fn, "variable"):  # AccumulateGrad of a leaf
-            return id(fn.variable) in self.param_ids
-        if depth == 0 or fn.name() not in _LAYOUT_NODES:
-            return False
-        return any(f is not None and self._reaches_parameter(f, depth - 1)
-                   for f, _ in fn.next_functions)
-
-
-def _output_mask(func, args: tuple, kwargs: dict) -> list[bool] | None:
-    for i, arg in enumerate(func._schema.arguments):
-        if arg.name == "output_mask":
-            return list(kwargs["output_mask"] if "output_mask" in kwargs else args[i])
-    return None
-
-
-@dataclasses.dataclass
-class ProbeReport:
-    attack_calls: int = 0
-    wgrad_ops: Counter = dataclasses.field(default_factory=Counter)
-    grads_touched: int = 0  # attack calls after which some parameter's .grad differed
-    compiled_graphs: int = 0  # compiled graphs run inside attack passes (with `graphs`)
-    compiled_wgrads: int = 0  # parameter gradients their backward graphs compute
-    compiled_unverified: int = 0  # of those graphs, ones whose backward was never seen
-
-
-@dataclasses.dataclass
-class CompiledGraph:
-    """One graph dynamo handed to the backend, and what its backward graph computes."""
-
-    param_positions: tuple[int, ...]  # which graph inputs are the model's parameters
-    num_inputs: int
-    backward_seen: bool = False
-    weight_gradients: int = 0  # parameter gradients the backward graph returns
-    wgrad_ops: Counter = dataclasses.field(default_factory=Counter)
-    calls_in_attack: int = 0
-
-
-class CompiledGraphProbe:
-    """A torch.compile backend ("inductor" or "aot_eager") that inspects every backward graph.
-
-    Why: inside a compiled region the dispatch-mode probe sees nothing (inductor runs its own
-    kernels), and a parameter's `.grad` stays untouched even when the compiled backward does
-    compute its gradient: `autograd.grad(loss, x)` returns only what was asked, and the
-    compiled backward computes a gradient for every graph input that required grad when it
-    was traced (pytorch#132929). So the backward graph is the evidence: graph input i is a
-    parameter, output i of the backward graph is its gradient (None when not computed).
-    `probing_attacks(graphs=...)` marks the graphs that run inside attack-only passes.
-    """
-
-    def __init__(self, model: nn.Module, backend: str = "inductor") -> None:
-        if backend not in ("inductor", "aot_eager"):
-            raise ConfigError(f"compile backend must be inductor or aot_eager, got '{backend}'")
-        self.param_ids = {id(p) for p in model.parameters()}
-        self.backend = backend
-        self.graphs: list[CompiledGraph] = []
-        self.in_attack = False
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        graph = CompiledGraph(tuple(i for i, t in enumerate(example_inputs)
-                                    if id(t) in self.param_ids or isinstance(t, nn.Parameter)),
-                              num_inputs=len(example_inputs))
-        self.graphs.append(graph)
-
-        def record(bw: torch.fx.GraphModule) -> None:
-            (outputs,) = next(n for n in bw.graph.nodes if n.op == "output").args
-            graph.backward_seen = True
-            if len(outputs) == graph.num_inputs:  # one gradient slot per forward input
-                graph.weight_gradients += sum(outputs[i] is not None
-                                              for i in graph.param_positions)
-            for node in bw.graph.nodes:
-                if node.op == "call_function" and hasattr(node.target, "_schema"):
-                    mask = _output_mask(node.target, node.args, node.kwargs)
-                    if mask is not None and any(mask[1:]):
-                        graph.wgrad_ops[node.target.overloadpacket.__name__] += 1
-
-        import torch._functorch.config as functorch_config
-
-        # a cached graph would skip the backward compiler, and with it the inspection
-        with functorch_config.patch(enable_autograd_cache=False):
-            compiled = self._compile(gm, example_inputs, record)
-
-        def run(*args: Any) -> Any:
-            if self.in_attack:
-                graph.calls_in_attack += 1
-            return compiled(*args)
-        return run
-
-    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list,
-                 record: Callable[[torch.fx.GraphModule], None]) -> Callable:
-        if self.backend == "inductor":
-            from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-
-            def inner(g: torch.fx.GraphModule, inputs: list, **kwargs: Any) -> Any:
-                if kwargs.get("is_backward"):
-                    record(g)
-                return compile_fx_inner(g, inputs, **kwargs)
-            return compile_fx(gm, example_inputs, inner_compile=inner)
-        from torch._dynamo.backends.debugging import aot_eager, boxed_nop
-
-        def backward(g: torch.fx.GraphModule, inputs: list) -> Callable:
-            record(g)
-            return boxed_nop(g, inputs)
-        return aot_eager(gm, example_inputs, bw_compiler=backward)
-
-
-# The functions that run attack-only passes (no weight update follows from them).
-_ATTACK_PASSES = (("paper_repro.attacks", "_input_gradient"),
-                  ("baselines.yopo", "layer_one_steps"))
-
-
-@contextlib.contextmanager
-def probing_attacks(model: nn.Module, *, dispatch: bool = True,
-                    graphs: CompiledGraphProbe | None = None) -> Iterator[ProbeReport]:
-    """Watch every attack-only pass inside the block: ops (`WeightGradProbe`, eager code only),
-    parameter `.grad`s, and, with `graphs` (the model's compile backend), the compiled graphs
-    those passes run and the parameter gradients their backward graphs compute."""
-    import importlib
-
-    report = ProbeReport()
-    params = list(model.parameters())
-    calls_before = [g.calls_in_attack for g in graphs.graphs] if graphs else []
-
-    def watch(fn: Callable) -> Callable:
-        def watched(*args: Any, **kwargs: Any) -> Any:
-            before = [None if p.grad is None else p.grad.clone() for p in params]
-            probe = WeightGradProbe(model) if dispatch else contextlib.nullcontext()
-            outer = graphs is not None and graphs.in_attack
-            if graphs is not None:
-                graphs.in_attack = True
-            try:
-                with probe:
-                    out = fn(*args, **kwargs)
-            finally:
-                if graphs is not None:
-                    graphs.in_attack = outer
-            report.attack_calls += 1
-            if dispatch:
-                report.wgrad_ops.update(probe.ops)
-            if any(_grad_changed(b, p.grad) for b, p in zip(before, params)):
-                report.grads_touched += 1
-            return out
-        return watched
-
-    originals = []
-    for module_name, attr in _ATTACK_PASSES:
-        module = importlib.import_module(module_name)
-        originals.append((module, attr, getattr(module, attr)))
-        setattr(module, attr, watch(getattr(module, attr)))
-    try:
-        yield report
-    finally:
-        for module, attr, fn in originals:
-            setattr(module, attr, fn)
-    if graphs is not None:
-        calls_before += [0] * (len(graphs.graphs) - len(calls_before))
-        used = [g for g, n in zip(graphs.graphs, calls_before) if g.calls_in_attack > n]
-        report.compiled_graphs = len(used)
-        report.compiled_wgrads = sum(g.weight_gradients + sum(g.wgrad_ops.values())
-                                     for g in used)
-        report.compiled_unverified = sum(not g.backward_seen for g in used)
-
-
-def _grad_changed(before: torch.Tensor | None, after: torch.Tensor | None) -> bool:
-    if before is None or after is None:
-        return (before is None) != (after is None)
-    return not torch.equal(before, after)
-
-
 # --- measurements ---------------------------------------------------------------------------
 
 def _timed(bench: Bench, epoch_fn: Callable[[Context], dict[str, float]], steps: int) -> float:
@@ -500,6 +296,23 @@ def measure(method: str, arch: str, batch: int, *, dataset: str = "cifar10",
         probe.grads_touched += compiled_probe.grads_touched
 
     images_per_s = batch * steps / seconds
+    entry = _entry(cfg, bench, resolved, gflop_per_image, images_per_s, gemm, probe,
+                   compiled_probe, warmup=warmup, steps=steps, repeats=repeats)
+    if compile:
+        entry.update(compile_backend=compile_backend, recompiles_while_timed=recompiles)
+    if baseline_loop:
+        entry.update(_baseline_fields(bench, cfg, reference, min(times[reference]), steps,
+                                      images_per_s))
+    return entry
+
+
+def _entry(cfg: RunConfig, bench: Bench, resolved: str, gflop_per_image: float,
+           images_per_s: float, gemm: GemmPeak, probe: ProbeReport,
+           compiled_probe: ProbeReport, *, warmup: int, steps: int,
+           repeats: int) -> dict[str, Any]:
+    """The JSON entry of one measured configuration (the keys of the module docstring)."""
+    method, arch, batch, dataset = cfg.method, cfg.arch, cfg.batch_size, cfg.dataset
+    compile, dev = cfg.compile, bench.device
     tflops = gflop_per_image * images_per_s / 1e3
     peak = datasheet_peak(dev)
     attack_free = probe.attack_calls == 0
@@ -527,35 +340,44 @@ def measure(method: str, arch: str, batch: int, *, dataset: str = "cifar10",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if compile:
-        entry.update(compile_backend=compile_backend,
-                     compiled_attack_graphs=compiled_probe.compiled_graphs,
-                     compiled_wgrads_in_attack=compiled_probe.compiled_wgrads,
-                     recompiles_while_timed=recompiles)
+        entry.update(compiled_attack_graphs=compiled_probe.compiled_graphs,
+                     compiled_wgrads_in_attack=compiled_probe.compiled_wgrads)
+    notes = _notes(compiled_probe, peak is None, dev, attack_free, bench.replays)
+    if notes:
+        entry["notes"] = notes
+    return entry
+
+
+def _notes(compiled_probe: ProbeReport, no_peak: bool, dev: torch.device, attack_free: bool,
+           replays: int) -> list[str]:
+    """What a reader of the entry must know to read its numbers right."""
     notes = []
     if compiled_probe.compiled_unverified:
         notes.append("wgrad_in_attack: a compiled attack graph's backward was not inspected")
-    if peak is None:
+    if no_peak:
         notes.append("mfu_datasheet: no bf16 datasheet peak for this device"
                      + (" (CPU)" if dev.type != "cuda" else ""))
     if attack_free:
         notes.append("wgrad_in_attack: the method has no attack-only passes (each pass also "
                      "updates the weights)")
-    if bench.replays > 1:
-        notes.append(f"an epoch is one pass over the data with {bench.replays} replays per "
+    if replays > 1:
+        notes.append(f"an epoch is one pass over the data with {replays} replays per "
                      "minibatch")
-    if notes:
-        entry["notes"] = notes
-    if baseline_loop:
-        with TotalFlopCounter() as ref_counter, fastpath.eager(cfg):
-            bench.run(reference, max_batches=1)
-        ref_images_per_s = batch * steps / min(times[reference])
-        entry.update(
-            baseline_images_per_s=round(ref_images_per_s, 2),
-            baseline_seconds_per_epoch=round(TRAIN_IMAGES.get(dataset, 50_000)
-                                             / ref_images_per_s, 3),
-            baseline_gflop_per_image=round(ref_counter.get_total_flops() / batch / 1e9, 4),
-            speedup_vs_baseline_loop=round(images_per_s / ref_images_per_s, 3))
-    return entry
+    return notes
+
+
+def _baseline_fields(bench: Bench, cfg: RunConfig, reference: Callable, seconds: float,
+                     steps: int, images_per_s: float) -> dict[str, Any]:
+    """The reference repos' loop (--baseline-loop): its speed, FLOPs and our speed-up."""
+    with TotalFlopCounter() as ref_counter, fastpath.eager(cfg):
+        bench.run(reference, max_batches=1)
+    ref_images_per_s = cfg.batch_size * steps / seconds
+    return {"baseline_images_per_s": round(ref_images_per_s, 2),
+            "baseline_seconds_per_epoch": round(TRAIN_IMAGES.get(cfg.dataset, 50_000)
+                                                / ref_images_per_s, 3),
+            "baseline_gflop_per_image": round(ref_counter.get_total_flops()
+                                              / cfg.batch_size / 1e9, 4),
+            "speedup_vs_baseline_loop": round(images_per_s / ref_images_per_s, 3)}
 
 
 def _dynamo_compilations() -> int:

@@ -6,6 +6,9 @@ stderr and exit status 2; nothing already in the results store is overwritten. A
 store whose record or config cannot be read is not an error for the commands that only read
 the store (table, aggregate, status): each such run gets one `warning:` line on stderr and
 shows as "unreadable", and everything else renders.
+
+The parser is one table of flags (like fast_adversarial's get_args) and every subcommand's
+handler is a few lines that call into the package, which is why this file is over 400 lines.
 """
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ edit the folder can edit both files. model_info.json uses the keys of RobustBenc
 (name, link, dataset, architecture, eps, clean_acc, reported, autoattack_acc, additional_data,
 number_forward_passes, footnote; accuracies as numbers, not strings) plus what this suite knows:
 threat model, PGD-20 accuracy, the evaluation protocol and its image counts, the training method
-and recipe, the code version and the config hash.
+and recipe, the code version and the config hash. (Over 400 lines: loading, checking and writing
+an export share one format, kept in one file.)
 """
 from __future__ import annotations
 

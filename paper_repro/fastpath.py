@@ -17,7 +17,7 @@ precision; the methods and the attack code are the same in fp32 and bf16.
 - **torch.compile** (`compile`, `--compile`): compiled in place (`nn.Module.compile`), so the
   state-dict keys, `model.stem` and checkpoints are unchanged. The backend is inductor;
   `prepare_model(backend=...)` takes another (tests: "aot_eager"; the benchmark: a recording
-  wrapper around inductor, `bench.CompiledGraphProbe`). Attacks freeze the parameters
+  wrapper around inductor, `probes.CompiledGraphProbe`). Attacks freeze the parameters
   (`attacks.frozen_parameters`), so the compiled attack graph has no weight gradients
   (pytorch#132929); dynamo compiles that graph once next to the training one.
 - Evaluation (`evaluation.py`) runs outside `autocast`: the table protocol stays fp32.

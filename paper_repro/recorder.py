@@ -1,10 +1,15 @@
 """Everything a run writes into its folder, written by rank 0 alone: the lock, config.json,
-the running/failed/done record, the checkpoint and the per-epoch metrics. The other ranks of a
-data-parallel run get a recorder that writes nothing, so the training loop has no rank branches.
+the running/failed/done record, the checkpoint, the per-epoch metrics (metrics.csv, lr.csv, and
+TensorBoard scalars under tensorboard/ when the optional package is installed). The other ranks
+of a data-parallel run get a recorder that writes nothing, so the training loop has no rank
+branches.
 """
 from __future__ import annotations
 
 import contextlib
+import math
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +22,51 @@ from .errors import ReproError
 from .monitoring import epoch_line
 
 
+TENSORBOARD_DIR = "tensorboard"
+_said_no_tensorboard: list[bool] = []  # "tensorboard is not installed" is said once per process
+
+
+class TensorBoardScalars:
+    """A run's curves as TensorBoard scalars, so `tensorboard --logdir results/runs` shows every
+    run of a sweep, local or on SLURM, while it trains: each epoch's numeric metrics (step =
+    epoch) and the LR of every optimiser step (step = optimiser step). Rebuilt from the metrics
+    on every start, so a resumed run's events equal an uninterrupted run's. Derived from
+    metrics.csv and lr.csv, which stay the record; the folder is not kept in git."""
+
+    def __init__(self, directory: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
+
+        shutil.rmtree(directory, ignore_errors=True)
+        self.writer = SummaryWriter(str(directory))
+        self.steps_written = 0
+
+    @classmethod
+    def open(cls, directory: Path) -> TensorBoardScalars | None:
+        try:
+            return cls(directory)
+        except ImportError:
+            if not _said_no_tensorboard:
+                _said_no_tensorboard.append(True)
+                print("note: tensorboard is not installed, so runs write no TensorBoard "
+                      "scalars (pip install -e .[tensorboard]); metrics.csv has the same "
+                      "numbers", file=sys.stderr)
+            return None
+
+    def add(self, rows: list[dict[str, Any]], lr_log: list[float]) -> None:
+        for row in rows:
+            for key, value in row.items():
+                if key not in ("epoch", "step") and isinstance(value, (int, float)) \
+                        and math.isfinite(value):
+                    self.writer.add_scalar(f"epoch/{key}", value, row["epoch"])
+        for step in range(self.steps_written, len(lr_log)):
+            self.writer.add_scalar("step/lr", lr_log[step], step)
+        self.steps_written = len(lr_log)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class Recorder:
     """The writing recorder (rank 0)."""
 
@@ -26,6 +76,7 @@ class Recorder:
                  base_record: dict[str, Any], quiet: bool) -> None:
         self.cfg, self.directory, self.run_path = cfg, directory, run_path
         self.base_record, self.quiet = base_record, quiet
+        self.scalars: TensorBoardScalars | None = None
 
     def open(self, locks: contextlib.ExitStack) -> dict[str, Any] | None:
         """Create the run's folder and lock it for as long as `locks` is open (the kernel
@@ -43,10 +94,13 @@ class Recorder:
         results.atomic_write_json(self.directory / "config.json",
                                   {**self.cfg.to_dict(), "config_hash": self.cfg.config_hash()})
 
-    def running(self, epochs_done: int) -> None:
+    def running(self, state: TrainingState) -> None:
         results.write_record(self.directory, {**self.base_record,
                                               "status": results.STATUS_RUNNING,
-                                              "epochs_done": epochs_done})
+                                              "epochs_done": state.epoch})
+        self.scalars = TensorBoardScalars.open(self.directory / TENSORBOARD_DIR)
+        if self.scalars is not None:  # a resumed run: its epochs so far, again
+            self.scalars.add(state.metrics, state.lr_log)
 
     def end_epoch(self, state: TrainingState, row: Callable[[], dict[str, Any]],
                   save_checkpoint: Callable[[], None]) -> None:
@@ -58,18 +112,27 @@ class Recorder:
         results.write_metrics(self.directory / "metrics.csv", state.metrics)
         results.write_metrics(self.directory / "lr.csv",
                               [{"step": i, "lr": lr} for i, lr in enumerate(state.lr_log)])
+        if self.scalars is not None:
+            self.scalars.add(state.metrics[-1:], state.lr_log)
         if not self.quiet:
             tqdm.write(epoch_line(self.run_path, state.metrics[-1], self.cfg.epochs))
 
     def fail(self, epoch: int, reason: str) -> None:
+        self._close_scalars()
         results.write_record(self.directory, {**self.base_record, "status": results.STATUS_FAILED,
                                               "failed_epoch": epoch + 1, "reason": reason})
 
     def done(self, record: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Evaluate and write the final record: the last write, so "done" means all is on disk."""
+        self._close_scalars()
         final = record()
         results.write_record(self.directory, final)
         return final
+
+    def _close_scalars(self) -> None:
+        if self.scalars is not None:
+            self.scalars.close()
+            self.scalars = None
 
 
 class SilentRecorder(Recorder):
@@ -83,7 +146,7 @@ class SilentRecorder(Recorder):
     def start(self) -> None:
         pass
 
-    def running(self, epochs_done: int) -> None:
+    def running(self, state: TrainingState) -> None:
         pass
 
     def end_epoch(self, state: TrainingState, row: Callable[[], dict[str, Any]],

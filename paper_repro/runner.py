@@ -28,7 +28,7 @@ from .data import dataset_info
 from .data.splits import Data, load_data, train_loader
 from .distributed import DataParallel, World, init_from_environment
 from .environment import resolve_device, seed_epoch, set_determinism
-from .errors import CheckpointError, ConfigError, ReproError  # noqa: F401  (runner.*Error)
+from .errors import ConfigError, ReproError
 from .evaluation import final_evaluation, missing_evaluation, reevaluate
 from .flops import TotalFlopCounter
 from .methods import Context, Method, get_method
@@ -86,7 +86,7 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
         state = TrainingState() if checkpoint is None else \
             restore(checkpoint, run.model, run.optimizers, method, run.device)
         parallel.broadcast_model(run.model)
-        recorder.running(state.epoch)
+        recorder.running(state)
         _epochs(cfg, run, state, world, parallel, recorder)
         if not recorder.writes:  # back once rank 0 has written the checkpoint and the record
             parallel.barrier()

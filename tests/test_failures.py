@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from paper_repro import cli, provenance, results, runner
+from paper_repro.errors import CheckpointError
 from paper_repro.report.tables import display_frame, table_frame
 from conftest import tiny_config
 from test_data import _write_cifar10
@@ -150,7 +151,7 @@ def test_no_usable_checkpoint_is_one_clear_error(tmp_path, cifar_root):
     directory = results.run_dir(cfg.results_dir, cfg.run_path)
     (directory / "record.json").unlink()  # pretend it never finished
     (directory / "checkpoint.pt").write_bytes(b"torn")
-    with pytest.raises(runner.CheckpointError, match="no usable checkpoint"):
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
         runner.train(cfg, quiet=True)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from paper_repro import attacks, bench, fastpath
+from paper_repro import attacks, bench, fastpath, probes
 from paper_repro.cli import main
 from paper_repro.config import build_config
 from paper_repro.models import create_model
@@ -57,7 +57,7 @@ def test_attack_pass_leaves_every_parameter_gradient_untouched(attack, precision
         p.grad = torch.randn_like(p) if i % 2 == 0 else None
     before = [None if p.grad is None else p.grad.clone() for p in params]
     x, y = _batch(128)  # = the hidden Linear's 128 outputs: its input gradient has its weight's shape
-    with fastpath.autocast(cfg, torch.device("cpu")), bench.WeightGradProbe(model) as probe:
+    with fastpath.autocast(cfg, torch.device("cpu")), probes.WeightGradProbe(model) as probe:
         x_adv = ATTACKS[attack](model, x, y)
     for p, b in zip(params, before):
         assert p.requires_grad  # unfrozen again
@@ -79,7 +79,7 @@ def test_reference_loop_attacks_like_ours_but_computes_weight_gradients():
     torch.manual_seed(7)
     x_ours = attacks.pgd(ours, x, y, eps=EPS, alpha=EPS / 4, steps=3)
     torch.manual_seed(7)
-    with bench.WeightGradProbe(ref) as probe:
+    with probes.WeightGradProbe(ref) as probe:
         x_ref = bench.reference_pgd(ref, x, y, eps=EPS, alpha=EPS / 4, steps=3)
     assert torch.equal(x_ours, x_ref)
     for a, b in zip(ours.buffers(), ref.buffers()):

@@ -6,7 +6,7 @@ Fashion-MNIST-shaped data, the method's own recipe, driven the way `bench` drive
   - channels_last: conv weights and conv outputs stay NHWC through the optimiser steps;
   - compile=True: dynamo compiles the model, nothing recompiles after the first two steps,
     the compiled graphs that attack passes run compute no parameter gradient (their backward
-    graphs, inspected by `bench.CompiledGraphProbe`), and no parameter's .grad is touched;
+    graphs, inspected by `probes.CompiledGraphProbe`), and no parameter's .grad is touched;
 and the losses are finite. The first step's loss is compared with fp32 eager from the same
 seed, data and initial weights. Tolerances:
   - bf16: |Δ| <= 0.01 + 1% of the loss (~0.035 here; measured: <= 0.0032). bf16 keeps 8 bits
@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 from torch._dynamo.utils import counters
 
-from paper_repro import bench, fastpath, results
+from paper_repro import bench, fastpath, probes, results
 from paper_repro.bench import Bench
 from paper_repro.data import dataset_info, load_arrays
 from paper_repro.errors import DataError
@@ -163,14 +163,14 @@ def test_compiled_training_does_not_recompile_or_compute_weight_gradients_in_att
     torch._dynamo.reset()  # every case compiles from scratch, whatever ran before
     fast = {"precision": "fp32", "channels_last": False, **fast}
     b = _bench(method, compile=True, **fast)
-    graphs = bench.CompiledGraphProbe(b.model, backend)
+    graphs = probes.CompiledGraphProbe(b.model, backend)
     fastpath.prepare_model(b.model, b.cfg, b.device, backend=graphs)
     frames = counters["frames"]["total"]
     losses = _losses(b, 2)  # the first steps compile every graph an epoch needs
     compiled = counters["frames"]["total"]
     assert compiled > frames and graphs.graphs, "the model was not compiled"
     kind = ATTACK_PASSES[method]
-    with bench.probing_attacks(b.model, dispatch=kind == "eager", graphs=graphs) as probe:
+    with probes.probing_attacks(b.model, dispatch=kind == "eager", graphs=graphs) as probe:
         losses += _losses(b, 2, seed=False)
     assert counters["frames"]["total"] == compiled, "recompiled after the first steps"
     _assert_trained(b, losses)
@@ -196,10 +196,10 @@ def test_the_compiled_graph_probe_sees_weight_gradients_when_attacks_do_not_free
                         lambda model: contextlib.nullcontext())
     torch._dynamo.reset()
     b = _bench("pgd_at", precision="fp32", compile=True)
-    graphs = bench.CompiledGraphProbe(b.model, "aot_eager")
+    graphs = probes.CompiledGraphProbe(b.model, "aot_eager")
     fastpath.prepare_model(b.model, b.cfg, b.device, backend=graphs)
     _losses(b, 1)
-    with bench.probing_attacks(b.model, dispatch=False, graphs=graphs) as probe:
+    with probes.probing_attacks(b.model, dispatch=False, graphs=graphs) as probe:
         _losses(b, 1, seed=False)
     assert probe.grads_touched == 0  # the .grad check alone would miss it
     assert probe.compiled_graphs >= 1 and probe.compiled_wgrads > 0
