@@ -148,8 +148,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         if not args.scale:
             print("--slurm without --scale: using the paper scale")
-        job_ids = submit_sweep(_experiment_configs(args, args.experiment,
-                                                   args.scale or "paper"), slurm_options)
+        configs = _experiment_configs(args, args.experiment, args.scale or "paper")
+        gpu = args.plan_gpu or ("h100" if (args.scale or "paper") == "paper" else "none")
+        if gpu != "none":  # what it will cost, before it is submitted
+            from .plan import plan_costs, render
+
+            print(render(plan_costs(configs, gpu), gpu, slurm_options.gpus_per_job or 1))
+        job_ids = submit_sweep(configs, slurm_options)
         print(f"submitted {len(job_ids)} jobs: {' '.join(job_ids)}" if job_ids else
               "nothing to submit: every run is done, queued or running")
         print(f"follow them with: python -m paper_repro status {args.experiment} "
@@ -197,6 +202,17 @@ def cmd_table(args: argparse.Namespace) -> int:
                             controlled_arch=getattr(args, "controlled", None))
         print(paths["md"].read_text())
         print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What a sweep will cost on a GPU, before it runs (paper_repro/plan.py)."""
+    from .plan import plan_costs, render
+
+    if args.gpus_per_job < 1:
+        raise ReproError("--gpus-per-job must be >= 1")
+    configs = _experiment_configs(args, args.experiment, args.scale)
+    print(render(plan_costs(configs, args.gpu, mfu=args.mfu), args.gpu, args.gpus_per_job))
     return 0
 
 
@@ -345,9 +361,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", help="comma-separated subset of rows")
     p.add_argument("--controlled", metavar="ARCH",
                    help="run every row on this architecture (stored as <exp>-controlled-ARCH)")
+    p.add_argument("--plan-gpu", metavar="GPU",
+                   help="with --slurm: print the sweep's cost on this GPU (see `plan`) before "
+                        "submitting (default: h100 at paper scale; 'none' to skip)")
     from slurm.launcher import add_slurm_arguments
     add_slurm_arguments(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = runlike("plan", "optimiser steps, FLOPs and GPU-hours of every run of a sweep")
+    p.add_argument("experiment", help="experiment name, e.g. table1")
+    p.add_argument("--rows", help="comma-separated subset of rows")
+    p.add_argument("--controlled", metavar="ARCH", help="the controlled variant on ARCH")
+    p.add_argument("--gpu", required=True, help="h100, h200, a100 or v100")
+    p.add_argument("--gpus-per-job", type=int, default=1,
+                   help="GPUs per run (data parallel): divides a job's wall time")
+    p.add_argument("--mfu", type=float, help="model FLOP utilisation to assume (default: "
+                   "bench's measurement for that GPU, else a default per architecture)")
+    p.set_defaults(func=cmd_plan, scale="paper")
 
     p = runlike("status", "each run's state: done, running, queued, failed (with its log) or "
                           "not submitted")
