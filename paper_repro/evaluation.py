@@ -273,5 +273,4 @@ def reevaluate(cfg: RunConfig, directory: Path, record: dict[str, Any]) -> dict[
     config = results.read_json(directory / "config.json") or {}
     results.atomic_write_json(directory / "config.json",
                               {**config, **{k: getattr(cfg, k) for k in EVALUATION_FIELDS}})
-    results.write_record(directory, updated)
-    return updated
+    return results.write_record(directory, updated)

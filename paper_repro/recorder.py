@@ -125,9 +125,7 @@ class Recorder:
     def done(self, record: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Evaluate and write the final record: the last write, so "done" means all is on disk."""
         self._close_scalars()
-        final = record()
-        results.write_record(self.directory, final)
-        return final
+        return results.write_record(self.directory, record())
 
     def _close_scalars(self) -> None:
         if self.scalars is not None:

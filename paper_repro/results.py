@@ -127,12 +127,14 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(Path(path), json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def write_record(directory: Path, record: dict[str, Any]) -> None:
+def write_record(directory: Path, record: dict[str, Any]) -> dict[str, Any]:
     """record.json, atomically: a reader or a crash sees the old record or the new one.
-    Stamped with this code's RECORD_SCHEMA, so that a reader can tell a format it does not know."""
+    Stamped with this code's RECORD_SCHEMA, so that a reader can tell a format it does not know.
+    Returns the record as written (what a later read of the store gives)."""
     record = {**record, "schema": RECORD_SCHEMA}
     text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
     _atomic_write_bytes(Path(directory) / "record.json", text.encode(), fault="record-write")
+    return record
 
 
 def previous_checkpoint(path: Path) -> Path:

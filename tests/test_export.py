@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from paper_repro import cli, export, load_model, load_test_images, results, runner
+from paper_repro import cli, export, load_model, load_test_images, local, results
 from paper_repro.config import build_config
 from paper_repro.errors import CheckpointError, DataError
 from paper_repro.evaluation import fixed_subset
@@ -29,7 +29,7 @@ def aft_store(tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     cfg = tiny_config(store, method="aft", experiment="table1", pretrain={"epochs": 1})
     try:
-        record = runner.train(cfg, quiet=True)
+        record = local.train(cfg, quiet=True)  # its pre-training first
     except DataError as e:
         pytest.skip(f"Fashion-MNIST not installed ({e})")
     assert record["run_path"] == RUN and record["status"] == "done"
