@@ -130,11 +130,10 @@ def _experiment_configs(args: argparse.Namespace, name: str, scale: str) -> list
     from .config import load_experiment, resolve_row, unsupported_reason
 
     exp = load_experiment(name)
-    # a view row shows another row's run: named, it means that run; otherwise it adds none
-    rows = args.rows.split(",") if getattr(args, "rows", None) else \
-        [r for r in exp.row_ids if exp.source_row(r) == r]
+    rows = args.rows.split(",") if getattr(args, "rows", None) else exp.row_ids
     overrides = _overrides(args)
     configs = []
+    # a view row shows another row's run: it means that run, once, never a second training
     for row_id in dict.fromkeys(exp.source_row(r) for r in rows):
         reason = unsupported_reason(exp, exp.row(row_id)["id"], scale)
         if reason and not getattr(args, "rows", None):  # named explicitly: resolve_row says why

@@ -3,6 +3,8 @@ labelled subset, self-training's pseudo-label pool) and are not test images, and
 same for every row, method and seed of a dataset."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -42,7 +44,7 @@ def test_validation_images_are_held_out_of_training_and_not_test_images(tmp_path
 
 def test_the_validation_split_is_the_same_for_every_row_method_and_seed(tmp_path):
     reference = load_data(tiny_config(tmp_path, val_n=VAL_N))
-    others = [tiny_config(tmp_path, method="pgd_at", seed=3, val_n=VAL_N),
+    others = [dataclasses.replace(tiny_config(tmp_path, method="pgd_at", val_n=VAL_N), seed=3),
               tiny_config(tmp_path, method="fast_at", train_subset=2000, val_n=VAL_N),
               tiny_config(tmp_path, train_subset=None, val_n=VAL_N)]  # paper-scale style
     for cfg in others:
