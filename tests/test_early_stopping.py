@@ -21,7 +21,7 @@ from paper_repro.data import dataset_info
 from paper_repro.data.splits import load_test_set
 from paper_repro.errors import ConfigError
 from paper_repro.evaluation import final_evaluation
-from paper_repro.export import load_model
+from paper_repro.export import export_model, load_model
 from paper_repro.methods import get_method
 from paper_repro.models import build_model
 from paper_repro.pretrained import safe_load
@@ -125,6 +125,18 @@ def test_a_kill_between_best_pt_and_its_checkpoint_restores_the_checkpoints_best
     record = runner.train(cfg, resume=True, quiet=True)
     assert record["best_epoch"] == 1 and record["best_val_pgd_acc"] == 10
     assert _best(cfg)["epoch"] == 1 and _same(_best(cfg)["model"], saved[1])
+
+
+def test_asking_a_done_run_for_more_evaluation_measures_its_best_epoch_too(tmp_path,
+                                                                          monkeypatch):
+    _plant(monkeypatch, [10, 30, 20])
+    first = runner.train(tiny_config(tmp_path, method="pgd_at", epochs=3, val_n=VAL_N,
+                                     eval_checks=False), quiet=True)
+    assert "checks" not in first and "best_checks" not in first
+    again = runner.train(tiny_config(tmp_path, method="pgd_at", epochs=3, val_n=VAL_N),
+                         quiet=True)  # the same run (checks are not hashed): re-evaluated
+    assert again["checks"] and again["best_checks"] and again["best_epoch"] == 2
+    assert again["best_clean_acc"] == first["best_clean_acc"] != again["clean_acc"]
 
 
 def test_a_checkpoint_from_before_validation_splits_still_loads(tmp_path):
@@ -235,6 +247,9 @@ def test_select_changes_which_checkpoint_is_shown_and_nothing_else(tmp_path, mon
             {k: record[prefix + k] for k in ("clean_acc", "pgd_acc", "checks")}
     assert (record["clean_acc"], record["pgd_acc"]) != \
         (record["best_clean_acc"], record["best_pgd_acc"])  # two models, told apart
+    info = json.loads((export_model(cfg.run_path, tmp_path / "export", select="best",
+                                    results_dir=store) / "model_info.json").read_text())
+    assert (info["clean_acc"], info["training"]["best_epoch"]) == (record["best_clean_acc"], 2)
 
     tables = {}
     for select in ("final", "best"):
