@@ -247,7 +247,11 @@ def best_evaluation(model: nn.Module, directory: Path, final: dict[str, Any], ep
     when the run kept no best.pt). `final` is the final model's evaluation: when the last epoch
     is the best one, its weights are the same and so are its numbers. Otherwise best.pt's
     weights are loaded into `model` (the final weights must be measured by then)."""
-    best = read_best(directory / BEST_FILE)
+    path = directory / BEST_FILE
+    best = read_best(path)
+    if best is None and path.is_file():
+        raise CheckpointError(f"{path}: torn or not a best.pt of this suite; remove it to record "
+                              "the final model only, or train the run again")
     if best is None:
         return {}
     measured = final

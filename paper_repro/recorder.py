@@ -1,9 +1,8 @@
 """Everything a run writes into its folder, written by rank 0 alone: the lock, config.json,
 the running/failed/done record, the checkpoint, best.pt (validation split only), the per-epoch
-metrics (metrics.csv, lr.csv, and
-TensorBoard scalars under tensorboard/ when the optional package is installed). The other ranks
-of a data-parallel run get a recorder that writes nothing, so the training loop has no rank
-branches.
+metrics (metrics.csv, lr.csv, and TensorBoard scalars under tensorboard/ when the optional
+package is installed). The other ranks of a data-parallel run get a recorder that writes
+nothing, so the training loop has no rank branches.
 """
 from __future__ import annotations
 
