@@ -88,19 +88,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .config import build_config
     from .local import train
 
+    select = getattr(args, "select", "final")
     if args.experiment:
         args.rows = args.row
-        for cfg in _experiment_configs(args, args.experiment, args.scale or _default_scale()):
-            _report(train(cfg, resume=args.resume))
-        return 0
-    overrides = _overrides(args)
-    method = args.method or "natural"
-    for seed in _seeds(args):
-        cfg = build_config(("method recipe", _recipe(method)), ("command line", overrides),
-                           experiment="adhoc", row=args.name or method,
-                           scale=args.scale or "cpu", seed=seed, method=method)
-        _report(train(cfg, resume=args.resume))
+        configs = _experiment_configs(args, args.experiment, args.scale or _default_scale())
+    else:
+        method = args.method or "natural"
+        configs = [build_config(("method recipe", _recipe(method)),
+                                ("command line", _overrides(args)), experiment="adhoc",
+                                row=args.name or method, scale=args.scale or "cpu", seed=seed,
+                                method=method) for seed in _seeds(args)]
+    _check_select(configs, select)
+    for cfg in configs:
+        _report(train(cfg, resume=args.resume), select)
     return 0
+
+
+def _check_select(configs: list, select: str) -> None:
+    """--select best shows a run's best epoch: refuse, before training, runs that keep none."""
+    for cfg in configs:
+        if select == "best" and cfg.val_n == 0:
+            raise ReproError(f"--select best: {cfg.run_path} has no validation split (val_n = "
+                             "0), so it keeps no best epoch; add --set val_n=N or use "
+                             "--select final")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -123,7 +133,8 @@ def _experiment_configs(args: argparse.Namespace, name: str, scale: str) -> list
     rows = args.rows.split(",") if getattr(args, "rows", None) else exp.row_ids
     overrides = _overrides(args)
     configs = []
-    for row_id in rows:
+    # a view row shows another row's run: it means that run, once, never a second training
+    for row_id in dict.fromkeys(exp.source_row(r) for r in rows):
         reason = unsupported_reason(exp, exp.row(row_id)["id"], scale)
         if reason and not getattr(args, "rows", None):  # named explicitly: resolve_row says why
             print(f"skipping {name}/{row_id}: not supported at scale {scale} ({reason})",
@@ -163,8 +174,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .local import train
 
     args.scale = args.scale or _default_scale()
-    for cfg in _experiment_configs(args, args.experiment, args.scale):  # all validated first
-        _report(train(cfg, resume=args.resume))
+    configs = _experiment_configs(args, args.experiment, args.scale)  # all validated first
+    _check_select(configs, args.select)
+    for cfg in configs:
+        _report(train(cfg, resume=args.resume), args.select)
     from .config import load_experiment
 
     if load_experiment(args.experiment).kind == "figure":
@@ -199,7 +212,8 @@ def cmd_table(args: argparse.Namespace) -> int:
     _warn_unreadable(args.results_dir or "results", scale, args.experiments)
     for name in args.experiments:
         paths = write_table(name, scale, results_dir=args.results_dir or "results",
-                            controlled_arch=getattr(args, "controlled", None))
+                            controlled_arch=getattr(args, "controlled", None),
+                            select=args.select)
         print(paths["md"].read_text())
         print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -311,12 +325,21 @@ def _seeds(args: argparse.Namespace) -> list[int]:
     return list(range(args.seed, args.seed + args.seeds))
 
 
-def _report(record: dict[str, Any]) -> None:
-    print(f"{record.get('run_path')}: clean {record.get('clean_acc', float('nan')):.2f}% "
-          f"PGD-{record.get('eval_steps')} {record.get('pgd_acc', float('nan')):.2f}% "
-          + (f"AA {record['aa_acc']:.2f}% " if record.get("aa_acc") is not None else "")
+def _report(record: dict[str, Any], select: str = "final") -> None:
+    """One line per run: its final model's numbers, or with --select best its best epoch's."""
+    p = "best_" if select == "best" else ""
+    at = f" (best epoch {record.get('best_epoch')})" if p else ""
+    print(f"{record.get('run_path')}{at}: clean {record.get(p + 'clean_acc', float('nan')):.2f}% "
+          f"PGD-{record.get('eval_steps')} {record.get(p + 'pgd_acc', float('nan')):.2f}% "
+          + (f"AA {record[p + 'aa_acc']:.2f}% " if record.get(p + "aa_acc") is not None else "")
           + f"train {record.get('train_minutes', 0):.2f} min [{record.get('status')}]"
-          + (f" checks: {record['checks']}" if "checks" in record else ""))
+          + (f" checks: {record[p + 'checks']}" if p + "checks" in record else ""))
+
+
+def _add_select(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--select", choices=["final", "best"], default="final",
+                   help="which model of each run is shown: the final one, or its best epoch's "
+                        "(highest validation PGD; runs with val_n > 0); not part of the config")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -341,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seeds", type=int, default=1, help="number of seeds (runs per row)")
         p.add_argument("--resume", action="store_true",
                        help="require a checkpoint to continue from (runs resume anyway)")
+        if name != "status":
+            _add_select(p)
         _add_overrides(p)
         return p
 
@@ -388,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("table", help="render tables from the results store")
     p.add_argument("experiments", nargs="+", help="e.g. table1")
+    _add_select(p)
     p.add_argument("--scale", choices=["smoke", "cpu", "paper"], default=None)
     p.add_argument("--results-dir", default=None)
     p.add_argument("--controlled", metavar="ARCH", help="the controlled variant on ARCH")

@@ -8,6 +8,8 @@ Resolution order (later wins), the same for every run:
   5. CLI overrides
 Dict-valued keys (method_args, schedule_args, model_args, pretrain) merge key by key.
 The result is frozen; `config_hash()` identifies it (execution-only fields excluded).
+(Over 400 lines: the fields, their validation and the experiment files that resolve into them
+are one path from TOML to a frozen config, kept in one file.)
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class RunConfig:
     extra_data: str | None = None        # pre-training only: None, "pseudo-label" or "ti500k"
     extra_data_n: int = 0                # pseudo-label: held-out images taken after the subset
     extra_data_path: str | None = None   # ti500k: the pickle
+    val_n: int = 0                       # validation images held out of training (0: none)
     batch_size: int = 128
     augment_pad: int = 4
     augment_pad_mode: str = "zeros"
@@ -115,7 +118,6 @@ class RunConfig:
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-
     def cell_hash(self) -> str:
         """Identifies a table cell: the config up to the seed (seeds of one cell share it)."""
         return self.config_hash(exclude=("seed",))
@@ -124,7 +126,7 @@ class RunConfig:
 _EXECUTION_FIELDS = frozenset({"device", "results_dir", "data_root"})
 # Every field added to RunConfig from now on goes here (see config_hash).
 HASH_STABLE_FIELDS: frozenset[str] = frozenset({"train_eps", "precision", "channels_last",
-                                               "compile"})
+                                               "compile", "val_n"})
 # How a trained model is measured, not what is trained: never hashed, so asking a done run for
 # more evaluation (AutoAttack, checks) re-evaluates its checkpoint instead of orphaning it; the
 # record stores the protocol it was measured with. (Also listed as hash-stable, trivially.)
@@ -245,6 +247,7 @@ def _validate(values: dict[str, Any]) -> dict[str, Any]:
         (values["augment_pad"] >= 0, "augment_pad must be >= 0"),
         (values["monitor_n"] >= 0, "monitor_n must be >= 0"),
         (values["extra_data_n"] >= 0, "extra_data_n must be >= 0"),
+        (values["val_n"] >= 0, "val_n must be >= 0 (0: no validation split)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -280,6 +283,15 @@ class Experiment:
     def row_ids(self) -> list[str]:
         return [r["id"] for r in self.rows]
 
+    def source_row(self, row_id: str) -> str:
+        """The row whose run `row_id` shows: itself, or the row it is a view of."""
+        return self.row(row_id).get("view_of", row_id)
+
+    def row_select(self, row_id: str) -> str | None:
+        """A view row's checkpoint ("best" or "final"); None for a row that is a run itself."""
+        row = self.row(row_id)
+        return row.get("select", "best") if "view_of" in row else None
+
     def row(self, row_id: str) -> dict:
         for r in self.rows:
             if r["id"] == row_id:
@@ -296,7 +308,31 @@ class Experiment:
         return chain
 
 
-_ROW_META = {"id", "label", "method", "paper_row", "note", *SCALES}
+_ROW_META = {"id", "label", "method", "paper_row", "note", "view_of", "select", *SCALES}
+SELECTS = ("final", "best")  # which checkpoint of a run a table shows (never in the hash)
+_VIEW_KEYS = {"id", "label", "paper_row", "note", "view_of", "select"}
+
+
+def _check_views(rows: list[dict], path: Path) -> list[dict]:
+    """A view row (`view_of = "<row>"`, `select = "best"|"final"`) shows another row's run at
+    that checkpoint: it trains nothing, so it takes no config keys; it gets its source's method
+    (for labels and markers)."""
+    by_id = {r["id"]: r for r in rows}
+    for r in rows:
+        if "view_of" not in r:
+            continue
+        source, extra = by_id.get(r["view_of"]), sorted(set(r) - _VIEW_KEYS)
+        if source is None or "view_of" in source:
+            problem = "view_of must name another row of the file that is not itself a view"
+        elif extra:
+            problem = f"a view trains nothing, so it takes no config keys ({', '.join(extra)})"
+        elif r.get("select", "best") not in SELECTS:
+            problem = f"select must be one of {', '.join(SELECTS)}"
+        else:
+            continue
+        raise ConfigError(f"{path}: row '{r['id']}' (view_of = '{r['view_of']}'): {problem}")
+    return [{**r, "method": by_id[r["view_of"]]["method"]} if "view_of" in r else r
+            for r in rows]
 
 
 def list_experiments() -> list[str]:
@@ -315,16 +351,19 @@ def load_experiment(name_or_path: str) -> Experiment:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: malformed TOML ({e})") from None
     rows = data.get("rows", [])
-    if not rows or any("id" not in r or "method" not in r for r in rows):
-        raise ConfigError(f"{path}: every [[rows]] entry needs an id and a method")
+    if not rows or any("id" not in r or ("method" not in r and "view_of" not in r)
+                       for r in rows):
+        raise ConfigError(f"{path}: every [[rows]] entry needs an id and a method (or view_of)")
     return Experiment(name=data.get("name", path.stem), title=data.get("title", path.stem),
                       paper_csv=data.get("paper_csv"), scales=data.get("scales", {}),
-                      rows=tuple(rows), footnote=data.get("footnote", ""),
+                      rows=tuple(_check_views(rows, path)), footnote=data.get("footnote", ""),
                       time_unit=data.get("time_unit", "min"), kind=data.get("kind", "table"))
 
 
 def unsupported_reason(exp: Experiment, row_id: str, scale: str) -> str | None:
-    """Why a row cannot run at this scale (`unsupported = "..."` in its scale block), or None."""
+    """Why a row cannot run at this scale (`unsupported = "..."` in its scale block), or None.
+    A view row can run wherever its source row can."""
+    row_id = exp.source_row(row_id)
     for s in exp.scale_chain(scale):
         reason = exp.row(row_id).get(s, {}).get("unsupported")
         if reason:
@@ -345,10 +384,12 @@ def resolve_row(exp: Experiment, row_id: str, scale: str, *, seed: int = 0,
 
     `controlled_arch` runs the row on that architecture instead of its reference one (model
     options and pre-training model options dropped), stored as its own experiment, so every
-    method can be compared on one network with the one evaluation protocol.
+    method can be compared on one network with the one evaluation protocol. A view row
+    resolves to its source row's config: the same run, never a second training.
     """
     if scale not in SCALES:
         raise ConfigError(f"unknown scale '{scale}' (valid: {', '.join(SCALES)})")
+    row_id = exp.source_row(row_id)
     row = exp.row(row_id)
     reason = unsupported_reason(exp, row_id, scale)
     if reason:

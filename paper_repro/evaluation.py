@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from . import results
 from .attacks import frozen_parameters, pgd
-from .checkpoints import load_weights
+from .checkpoints import BEST_FILE, load_weights, read_best
 from .config import EVALUATION_FIELDS, RunConfig
 from .data import dataset_info
 from .data.splits import fixed_subset, load_test_set  # the same fixed images for every run
@@ -55,6 +55,12 @@ LARGE_EPS_FACTOR = 4.0     # the "large" radius: 4 × ε (capped at 1)
 LARGE_EPS_MAX_ACC = 5.0    # "near zero" accuracy at the large radius
 CHECK_NAMES = ("order_clean_fgsm", "order_fgsm_pgd", "order_pgd_aa", "pgd100", "large_eps",
                "aa_flags")
+# Early stopping (validation split): the per-epoch score is PGD-VAL_STEPS on the validation
+# images (monitoring.py); the best epoch's model is measured with the protocol above, and its
+# numbers are the record's `best_<key>` for each of these keys
+VAL_STEPS = 10
+BEST_KEYS = ("clean_acc", "pgd_acc", "aa_acc", "aa_clean_acc", "aa_pgd_acc", "aa_warnings",
+             "fgsm_acc", "pgd100_acc", "large_eps_acc", "checks")
 
 Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(images in [0,1], labels) -> adversarial images."""
@@ -234,37 +240,70 @@ def final_evaluation(model: nn.Module, test_x: torch.Tensor, test_y: torch.Tenso
                     seed=cfg.seed, aa_n=cfg.aa_n, checks=cfg.eval_checks)
 
 
+def best_evaluation(model: nn.Module, directory: Path, final: dict[str, Any], epochs_done: int,
+                    test_x: torch.Tensor, test_y: torch.Tensor, cfg: RunConfig,
+                    device: torch.device) -> dict[str, Any]:
+    """The same protocol on the run's best epoch (best.pt), as the record's best_* keys ({}
+    when the run kept no best.pt). `final` is the final model's evaluation: when the last epoch
+    is the best one, its weights are the same and so are its numbers. Otherwise best.pt's
+    weights are loaded into `model` (the final weights must be measured by then)."""
+    path = directory / BEST_FILE
+    best = read_best(path)
+    if best is None and path.is_file():
+        raise CheckpointError(f"{path}: torn or not a best.pt of this suite; remove it to record "
+                              "the final model only, or train the run again")
+    if best is None:
+        return {}
+    measured = final
+    if best["epoch"] != epochs_done:
+        model.load_state_dict(best["model"])
+        measured = final_evaluation(model, test_x, test_y, cfg, device)
+    return {"val_n": cfg.val_n, "val_steps": VAL_STEPS, "best_epoch": best["epoch"],
+            "best_val_pgd_acc": best["val_pgd_acc"],
+            "best_val_clean_acc": best.get("val_clean_acc"),
+            **{f"best_{k}": measured[k] for k in BEST_KEYS if k in measured}}
+
+
 def missing_evaluation(cfg: RunConfig, record: dict[str, Any]) -> bool:
     """Does the config ask a done run for an evaluation its record lacks (checks, AutoAttack,
-    or AutoAttack on another number of images)?"""
-    if cfg.eval_checks and "checks" not in record:
-        return True
+    or AutoAttack on another number of images), for its final model or its best epoch's?"""
+    prefixes = ("", "best_") if record.get("best_epoch") is not None else ("",)
+    for prefix in prefixes:
+        if cfg.eval_checks and f"{prefix}checks" not in record:
+            return True
     if cfg.aa_n == 0:
         return False
     eval_n = int(record.get("eval_n") or 0)
     wanted = eval_n if cfg.aa_n is None else min(cfg.aa_n, eval_n)
-    return (record.get("aa_acc") is None or record.get("aa_n") != wanted
-            or record.get("aa_version") != AA_VERSION)
+    return (any(record.get(f"{prefix}aa_acc") is None for prefix in prefixes)
+            or record.get("aa_n") != wanted or record.get("aa_version") != AA_VERSION)
 
 
 def reevaluate(cfg: RunConfig, directory: Path, record: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate a done run again from its checkpoint.pt, training nothing, and update its record
-    (atomically). Only record.json and config.json's evaluation fields change; clean and PGD
-    numbers that come out different (a non-deterministic device) keep their old values in
-    `previous_eval`."""
-    if not (directory / "checkpoint.pt").is_file():
-        raise CheckpointError(f"{directory} is done but its record lacks the evaluation asked "
-                              "for (AutoAttack on aa_n images, checks) and it has no "
-                              "checkpoint.pt to evaluate: copy the checkpoint back, or set "
-                              "aa_n=0 and eval_checks=false to take the record as it is")
+    """Evaluate a done run again from its checkpoint.pt (and best.pt, where it kept its best
+    epoch), training nothing, and update its record (atomically). Only record.json and
+    config.json's evaluation fields change; clean and PGD numbers that come out different (a
+    non-deterministic device) keep their old values in `previous_eval`."""
+    needed = ["checkpoint.pt"] + ([BEST_FILE] if record.get("best_epoch") is not None else [])
+    for name in needed:
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory} is done but its record lacks the evaluation "
+                                  f"asked for (AutoAttack on aa_n images, checks) and it has no "
+                                  f"{name} to evaluate: copy it back, or set aa_n=0 and "
+                                  "eval_checks=false to take the record as it is")
     device = resolve_device(cfg.device)
     test_x, test_y = load_test_set(cfg)
     model = build_model(cfg, dataset_info(cfg.dataset))
     load_weights(model, directory / "checkpoint.pt")
     model.to(device)
     t_eval = time.perf_counter()
-    final = final_evaluation(model, test_x.to(device), test_y.to(device), cfg, device)
-    previous = {k: record[k] for k in ("clean_acc", "pgd_acc") if record.get(k) != final[k]}
+    test_x, test_y = test_x.to(device), test_y.to(device)
+    final = final_evaluation(model, test_x, test_y, cfg, device)
+    if record.get("best_epoch") is not None:
+        final.update(best_evaluation(model, directory, final, record["epochs_done"], test_x,
+                                     test_y, cfg, device))
+    previous = {k: record[k] for k in ("clean_acc", "pgd_acc", "best_clean_acc", "best_pgd_acc")
+                if k in record and record.get(k) != final.get(k)}
     updated = {**record, **final, "eval_time_s": round(time.perf_counter() - t_eval, 3),
                "reevaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "reevaluated_code": code_version(), "reevaluated_hardware": hardware()}

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from . import results
-from .checkpoints import load_weights
+from .checkpoints import BEST_FILE, load_weights
 from .config import RunConfig, build_config, list_experiments, load_experiment
 from .data import dataset_info
 from .errors import CheckpointError, ConfigError, ReproError
@@ -46,7 +46,7 @@ __all__ = ["export_model", "load_model", "load_test_images"]
 
 EXPORT_FORMAT = 1  # model_info.json's `export_format`; a newer one is refused
 WEIGHTS, INFO, CARD = "model.safetensors", "model_info.json", "README.md"
-SELECT = {"final": "checkpoint.pt", "best": "best.pt"}
+SELECT = {"final": "checkpoint.pt", "best": BEST_FILE}
 PAPER_LINK = "https://arxiv.org/abs/2012.13628"  # Jeddi, Shafiee & Wong 2020
 # Test-split sizes: clean accuracy is measured on the whole split (evaluation.py); a streamed
 # dataset (ImageNet) measures it on the fixed subset of eval_n images instead.
@@ -287,8 +287,11 @@ def model_info(cfg: RunConfig, stored: dict[str, Any], record: dict[str, Any],
     from .evaluation import AA_ATTACKS
 
     info = dataset_info(cfg.dataset)
-    measured = select == "final"  # the record's numbers are the final model's
-    acc = {k: (record.get(k) if measured else None) for k in ("clean_acc", "pgd_acc", "aa_acc")}
+    # the record's numbers are the final model's, and the best epoch's as best_* (evaluation.py)
+    prefix = "best_" if select == "best" else ""
+    measured = select == "final" or record.get("best_epoch") is not None
+    acc = {k: (record.get(prefix + k) if measured else None)
+           for k in ("clean_acc", "pgd_acc", "aa_acc", "checks")}
     steps = record.get("eval_steps", cfg.eval_steps)
     alpha = record.get("eval_alpha") or cfg.eval_alpha_value
     train_eps = record.get("train_eps")
@@ -306,6 +309,11 @@ def model_info(cfg: RunConfig, stored: dict[str, Any], record: dict[str, Any],
     if not measured:
         footnote += ("Weights of the run's best epoch (best.pt): the record's accuracies are the "
                      "final model's, so none are given here. ")
+    elif select == "best":
+        footnote += (f"Weights of the run's best epoch ({record['best_epoch']} of "
+                     f"{record.get('epochs_done')}: the highest PGD-{record.get('val_steps')} "
+                     f"accuracy on {record.get('val_n')} validation images held out of "
+                     "training). ")
     arch = _architecture(cfg, info.num_classes, info.channels)
     return {
         "export_format": EXPORT_FORMAT,
@@ -328,11 +336,12 @@ def model_info(cfg: RunConfig, stored: dict[str, Any], record: dict[str, Any],
                        "random_starts": 1, "batch": cfg.eval_batch,
                        "aa_version": record.get("aa_version"),
                        "aa_package": record.get("aa_package"),
-                       "checks": record.get("checks"), "measured_on": select == "final"},
+                       "checks": acc["checks"], "measured_on": measured},
         "training": {"method": cfg.method, "label": _label(cfg), "run": cfg.run_path,
                      "experiment": cfg.experiment, "row": cfg.row, "scale": cfg.scale,
                      "seed": cfg.seed, "weights": f"{SELECT[select]} ({select})",
                      "epochs_done": record.get("epochs_done"),
+                     "best_epoch": record.get("best_epoch") if select == "best" else None,
                      "train_eps": cfg.eps if train_eps is None else train_eps,
                      "train_minutes": record.get("train_minutes"),
                      "train_flops": record.get("train_flops"),

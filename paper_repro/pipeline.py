@@ -32,10 +32,11 @@ from .pretrained import apply_init
 
 def pretrain_config(cfg: RunConfig) -> RunConfig:
     """The natural pre-training run of an AFT row: the natural recipe on the row's data and
-    model, then the row's `pretrain` overrides. Stored under pretrain/<hash> and reused."""
+    model, then the row's `pretrain` overrides. Stored under pretrain/<hash> and reused. It
+    holds out the row's validation images too (val_n), so no run of the graph trains on them."""
     recipe = get_method("natural").recipe
     inherited = {k: getattr(cfg, k) for k in (
-        "dataset", "data_root", "train_subset", "arch", "model_args", "seed", "device",
+        "dataset", "data_root", "train_subset", "val_n", "arch", "model_args", "seed", "device",
         "deterministic",
         "results_dir", "eval_steps", "eval_alpha", "eval_n", "eval_batch", "monitor_n",
         "monitor_steps", "eps", "augment_pad", "augment_flip", "max_steps",

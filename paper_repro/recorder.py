@@ -1,8 +1,8 @@
 """Everything a run writes into its folder, written by rank 0 alone: the lock, config.json,
-the running/failed/done record, the checkpoint, the per-epoch metrics (metrics.csv, lr.csv, and
-TensorBoard scalars under tensorboard/ when the optional package is installed). The other ranks
-of a data-parallel run get a recorder that writes nothing, so the training loop has no rank
-branches.
+the running/failed/done record, the checkpoint, best.pt (validation split only), the per-epoch
+metrics (metrics.csv, lr.csv, and TensorBoard scalars under tensorboard/ when the optional
+package is installed). The other ranks of a data-parallel run get a recorder that writes
+nothing, so the training loop has no rank branches.
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 from . import results
-from .checkpoints import TrainingState
+from .checkpoints import TrainingState, reconcile_best
 from .config import RunConfig
 from .errors import ReproError
-from .monitoring import epoch_line
+from .monitoring import VAL_SCORE, epoch_line
 
 
 TENSORBOARD_DIR = "tensorboard"
@@ -95,6 +95,7 @@ class Recorder:
                                   {**self.cfg.to_dict(), "config_hash": self.cfg.config_hash()})
 
     def running(self, state: TrainingState) -> None:
+        reconcile_best(self.directory, state)  # best.pt: the best epoch the checkpoint names
         results.write_record(self.directory, {**self.base_record,
                                               "status": results.STATUS_RUNNING,
                                               "epochs_done": state.epoch})
@@ -103,11 +104,15 @@ class Recorder:
             self.scalars.add(state.metrics, state.lr_log)
 
     def end_epoch(self, state: TrainingState, row: Callable[[], dict[str, Any]],
-                  save_checkpoint: Callable[[], None]) -> None:
-        """Measure the epoch's row of metrics (`row` monitors: rank 0's work alone), then the
-        checkpoint, then metrics.csv and lr.csv, in that order (a kill between leaves a
-        checkpoint the metrics are rebuilt from)."""
-        state.metrics.append(row())
+                  save_checkpoint: Callable[[], None], save_best: Callable[[], None]) -> None:
+        """Measure the epoch's row of metrics (`row` monitors: rank 0's work alone), then
+        best.pt if the epoch has the best validation score so far, then the checkpoint (which
+        names the best epoch), then metrics.csv and lr.csv, in that order (a kill between
+        leaves a checkpoint the rest is rebuilt from)."""
+        metrics = row()
+        state.metrics.append(metrics)
+        if VAL_SCORE in metrics and state.improves(metrics["epoch"], metrics[VAL_SCORE]):
+            save_best()
         save_checkpoint()
         results.write_metrics(self.directory / "metrics.csv", state.metrics)
         results.write_metrics(self.directory / "lr.csv",
@@ -148,7 +153,7 @@ class SilentRecorder(Recorder):
         pass
 
     def end_epoch(self, state: TrainingState, row: Callable[[], dict[str, Any]],
-                  save_checkpoint: Callable[[], None]) -> None:
+                  save_checkpoint: Callable[[], None], save_best: Callable[[], None]) -> None:
         pass
 
     def fail(self, epoch: int, reason: str) -> None:

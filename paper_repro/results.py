@@ -176,7 +176,7 @@ def check_checkpoint(path: Path) -> str | None:
     return f"record {bad} fails its CRC check" if bad else None
 
 
-RUN_FILES = ("checkpoint.pt", "config.json", "record.json", "metrics.csv", "lr.csv")
+RUN_FILES = ("checkpoint.pt", "best.pt", "config.json", "record.json", "metrics.csv", "lr.csv")
 
 
 def remove_stale_temps(directory: Path) -> None:

@@ -22,14 +22,15 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import fastpath, faults, pipeline, results
-from .checkpoints import TrainingState, load_checkpoint, restore, save_checkpoint
+from .checkpoints import (BEST_FILE, TrainingState, load_checkpoint, restore, save_best,
+                          save_checkpoint)
 from .config import RunConfig
 from .data import dataset_info
 from .data.splits import Data, load_data, train_loader
 from .distributed import DataParallel, World, init_from_environment
 from .environment import resolve_device, seed_epoch, set_determinism
 from .errors import ConfigError, ReproError
-from .evaluation import final_evaluation, missing_evaluation, reevaluate
+from .evaluation import best_evaluation, final_evaluation, missing_evaluation, reevaluate
 from .flops import TotalFlopCounter
 from .methods import Context, Method, get_method
 from .models import build_model
@@ -92,7 +93,8 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
             parallel.barrier()
             return {"rank": world.rank, "status": results.STATUS_DONE,
                     "epochs_done": state.epoch, "steps_done": state.global_step}
-        record = recorder.done(lambda: _final_record(cfg, run, state, base_record))
+        record = recorder.done(lambda: _final_record(cfg, run, state, base_record,
+                                                     recorder.directory))
         parallel.barrier()
         return record
 
@@ -246,21 +248,25 @@ def _epochs(cfg: RunConfig, run: _Run, state: TrainingState, world: World,
                          **monitor(model, run.monitor, cfg, device),
                          "train_time_s": round(state.train_time_s, 3)},
             save_checkpoint=lambda: save_checkpoint(recorder.directory / "checkpoint.pt", cfg,
-                                                    model, run.optimizers, method, state))
+                                                    model, run.optimizers, method, state),
+            save_best=lambda: save_best(recorder.directory / BEST_FILE, cfg, model, state))
     bar.close()
 
 
 # --- evaluate and record -------------------------------------------------------------------
 
-def _final_record(cfg: RunConfig, run: _Run, state: TrainingState,
-                  base_record: dict[str, Any]) -> dict[str, Any]:
-    """The table protocol on the trained model, and everything the tables and figures read."""
+def _final_record(cfg: RunConfig, run: _Run, state: TrainingState, base_record: dict[str, Any],
+                  directory: Path) -> dict[str, Any]:
+    """The table protocol on the trained model (and on its best epoch's, where it kept one),
+    and everything the tables and figures read."""
     t_eval = time.perf_counter()
-    final = final_evaluation(run.model, run.monitor.test_x, run.monitor.test_y, cfg, run.device)
+    test = (run.monitor.test_x, run.monitor.test_y)
+    final = final_evaluation(run.model, *test, cfg, run.device)
+    best = best_evaluation(run.model, directory, final, state.epoch, *test, cfg, run.device)
     faults.point("eval")  # test-only (faults.py): no-op unless REPRO_FAULT names it
     pretrain = run.pretrain_record or {}
     return {
-        **base_record, **final,
+        **base_record, **final, **best,
         "status": results.STATUS_DONE,
         "epochs_done": state.epoch, "steps_done": state.global_step,
         "steps_per_epoch": run.steps_per_epoch, "stopped_early": state.stop_reason,

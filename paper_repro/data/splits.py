@@ -1,6 +1,7 @@
-"""Which images a run sees: its labelled training subset (plus extra pre-training data), its test
-set, the fixed subsets evaluation and monitoring draw, and the minibatches it trains on. Every
-choice of images here is a function of fixed seeds, never of the run's seed."""
+"""Which images a run sees: its labelled training subset (plus extra pre-training data), its
+validation images (held out of training), its test set, the fixed subsets evaluation and
+monitoring draw, and the minibatches it trains on. Every choice of images here is a function of
+fixed seeds, never of the run's seed."""
 
 from __future__ import annotations
 
@@ -37,6 +38,35 @@ def fixed_subset(total: int, n: int | None) -> torch.Tensor:
     return torch.randperm(total, generator=g)[:n].sort().values
 
 
+@dataclass(frozen=True)
+class TrainSplit:
+    """Indices into a dataset's training file, all cut from one fixed permutation (data seed 0):
+    `labelled` its first train_subset images (without a subset: all but the validation ones),
+    `pool` the next extra_data_n (self-training's pseudo-labelled images), `val` its last val_n.
+    The validation images are thus the same for every row, method and seed of a dataset, and
+    disjoint from what any run trains on (Rice et al. hold out 1,000 CIFAR-10 images)."""
+
+    labelled: torch.Tensor
+    pool: torch.Tensor
+    val: torch.Tensor
+
+
+def train_split(total: int, cfg: RunConfig) -> TrainSplit:
+    """The run's training-file indices; a one-line error when the parts do not fit."""
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(_DATA_SEED))
+    n_labelled = total - cfg.val_n if cfg.train_subset is None else cfg.train_subset
+    used = n_labelled + cfg.extra_data_n + cfg.val_n
+    if n_labelled < 1:
+        raise ConfigError(f"val_n = {cfg.val_n} leaves none of the {total} training images of "
+                          f"{cfg.dataset} to train on")
+    if used > total:
+        parts = "train_subset + extra_data_n" + (" + val_n" if cfg.val_n else "")
+        raise ConfigError(f"{parts} = {used} exceeds the {total} training images of "
+                          f"{cfg.dataset}")
+    return TrainSplit(order[:n_labelled], order[n_labelled:n_labelled + cfg.extra_data_n],
+                      order[total - cfg.val_n:])
+
+
 @dataclass
 class Data:
     """A run's images. In-memory datasets hold their whole train and test splits here; a
@@ -50,6 +80,8 @@ class Data:
     test_y: torch.Tensor
     stream_root: str | None = None
     stream_train_n: int = 0
+    val_x: torch.Tensor | None = None  # the validation images (val_n > 0), never trained on
+    val_y: torch.Tensor | None = None
 
     @property
     def num_train(self) -> int:
@@ -69,19 +101,13 @@ def load_data(cfg: RunConfig, pseudo_labeller: PseudoLabeller | None = None) -> 
         return load_streamed_data(cfg, info)
     train_x, train_y = load_arrays(cfg.dataset, cfg.data_root, train=True)
     test_x, test_y = load_arrays(cfg.dataset, cfg.data_root, train=False)
-    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(_DATA_SEED))
-    n_labelled = len(order) if cfg.train_subset is None else cfg.train_subset
-    if n_labelled + cfg.extra_data_n > len(order):
-        raise ConfigError(f"train_subset + extra_data_n = {n_labelled + cfg.extra_data_n} "
-                          f"exceeds the {len(order)} training images of {cfg.dataset}")
-    labelled = order[:n_labelled]
-    x, y = train_x[labelled], train_y[labelled]
+    split = train_split(len(train_y), cfg)
+    x, y = train_x[split.labelled], train_y[split.labelled]
     if cfg.extra_data == "pseudo-label":
         if pseudo_labeller is None:
             raise ConfigError("extra_data = 'pseudo-label' needs the self-training teacher's "
                               "labels (train through paper_repro.train, which trains it first)")
-        pool = order[n_labelled:n_labelled + cfg.extra_data_n]
-        extra_x = train_x[pool]
+        extra_x = train_x[split.pool]
         extra_y = pseudo_labeller(extra_x)
         x, y = torch.cat([x, extra_x]), torch.cat([y, extra_y])
     elif cfg.extra_data == "ti500k":
@@ -89,7 +115,9 @@ def load_data(cfg: RunConfig, pseudo_labeller: PseudoLabeller | None = None) -> 
             raise ConfigError("extra_data = 'ti500k' needs extra_data_path (the pickle)")
         extra_x, extra_y = load_ti500k(cfg.extra_data_path)
         x, y = torch.cat([x, extra_x]), torch.cat([y, extra_y])
-    return Data(info, x.contiguous(), y.contiguous(), test_x, test_y)
+    val = (train_x[split.val], train_y[split.val]) if cfg.val_n else (None, None)
+    return Data(info, x.contiguous(), y.contiguous(), test_x, test_y,
+                val_x=val[0], val_y=val[1])
 
 
 def load_streamed_data(cfg: RunConfig, info: DatasetInfo) -> Data:
@@ -97,7 +125,7 @@ def load_streamed_data(cfg: RunConfig, info: DatasetInfo) -> Data:
     the evaluation images (a fixed subset of eval_n val images, the same for every row) and the
     monitoring images (monitor_n train images) are decoded once with the evaluation transform."""
     for key, bad in (("train_subset", cfg.train_subset is not None),
-                     ("extra_data", cfg.extra_data is not None)):
+                     ("extra_data", cfg.extra_data is not None), ("val_n", cfg.val_n > 0)):
         if bad:
             raise ConfigError(f"{key} is not supported for the streamed dataset "
                               f"'{cfg.dataset}' (it trains on the whole train/ folder)")

@@ -5,6 +5,9 @@ Cells are computed from `results.load()` and the paper's numbers from results/pa
 a row that has no finished run shows empty measured cells and "not run"; a row with a run
 whose record or config cannot be read shows empty measured cells and "unreadable" (never a
 mean over the seeds that could be read), and every other row renders as it would without it.
+Cells show each run's final model, or with `select="best"` its best epoch's (runs with a
+validation split; written as <name>-best.*); a view row of the experiment file shows another
+row's runs at its own select (e.g. PGD AT early-stopped), training nothing.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from .. import results
-from ..config import controlled_name, load_experiment, unsupported_reason
+from ..config import SELECTS, controlled_name, load_experiment, unsupported_reason
 from ..errors import ReproError
 from ..evaluation import (AA_ATTACKS, AA_PACKAGE, LARGE_EPS_FACTOR, LARGE_EPS_MAX_ACC,
                           ORDER_TOLERANCE_PP, PGD100_MARGIN_PP)
@@ -29,6 +32,7 @@ COLUMNS = ["row", "method", "arch", "dataset", "scale", "n_seeds", "clean_acc", 
 MEASURED = ["clean_acc", "pgd_acc", "aa_acc", "train_minutes", "pretrain_minutes", "cost_pflop",
             "pretrain_pflop"]
 UNCHECKED = "unchecked"  # a run evaluated before the checks existed
+BEST_SHOWN = ("clean_acc", "pgd_acc", "aa_acc", "checks")  # read from best_<key> at select best
 # What the Checks column means, with the thresholds (evaluation.py)
 CHECKS_NOTE = ("Checks (on the PGD images): clean ≥ FGSM ≥ PGD-20 ≥ AA (each with "
                f"{ORDER_TOLERANCE_PP} pp slack), PGD-100 at most {PGD100_MARGIN_PP} pp below "
@@ -65,8 +69,15 @@ def _stats(values: pd.Series) -> tuple[float, float]:
 
 
 def table_frame(name: str, scale: str, results_dir: str | Path = "results",
-                controlled_arch: str | None = None) -> pd.DataFrame:
-    """One line per experiment row with measured cells, the paper's cells and the difference."""
+                controlled_arch: str | None = None, select: str = "final") -> pd.DataFrame:
+    """One line per experiment row with measured cells, the paper's cells and the difference.
+
+    `select` ("final" or "best") is which model of each run the cells show: its last epoch's or
+    its best epoch's (highest validation PGD accuracy; the record's best_* numbers). A view row
+    (`view_of`, `select` in the experiment file) shows its source row's runs at its own select.
+    """
+    if select not in SELECTS:
+        raise ReproError(f"select: '{select}' is not one of {', '.join(SELECTS)}")
     exp = load_experiment(name)
     store_name = controlled_name(exp.name, controlled_arch) if controlled_arch else exp.name
     runs = results.load(results_dir, scale=scale)
@@ -76,7 +87,8 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
     lines: list[dict[str, Any]] = []
     for row in exp.rows:
         rid = row["id"]
-        mine = runs[runs["row"] == rid] if not runs.empty else runs
+        source = exp.source_row(rid)
+        mine = runs[runs["row"] == source] if not runs.empty else runs
         done = mine[mine["status"] == results.STATUS_DONE] if not mine.empty else mine
         line: dict[str, Any] = {"row": rid, "method": row.get("label", rid),
                                 "arch": None, "dataset": None, "scale": scale, "n_seeds": 0}
@@ -85,26 +97,11 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
             line["status"] = results.STATUS_UNREADABLE  # `results.problems` says which file
         elif not done.empty:
             if done["cell_hash"].nunique() > 1:
-                raise ReproError(f"{name}/{rid} at scale {scale}: runs with different configs "
-                                 f"({', '.join(sorted(done['cell_hash'].unique()))}) would be "
-                                 "mixed in one cell; remove the stale runs")
-            line.update(arch=done["arch"].iloc[0], dataset=done["dataset"].iloc[0],
-                        n_seeds=int(len(done)))
-            done = done.assign(cost_pflop=pd.to_numeric(done["train_flops"]) / 1e15,
-                               pretrain_pflop=pd.to_numeric(done.get("pretrain_flops"),
-                                                            errors="coerce") / 1e15)
-            for col in MEASURED:
-                mean, std = _stats(done[col]) if col in done else (math.nan, math.nan)
-                line[col] = mean
-                if col in ("clean_acc", "pgd_acc", "aa_acc"):
-                    line[col.replace("_acc", "_std")] = std
-            if "aa_acc" in done and done["aa_acc"].isna().any():
-                line["aa_acc"] = line["aa_std"] = math.nan  # never a mean over some seeds only
-            line["eval_n"] = int(done["eval_n"].iloc[0])
-            line["aa_n"] = _joined(done.get("aa_n"))
-            line["checks"] = cell_checks(done.get("checks"))
+                raise ReproError(f"{name}/{source} at scale {scale}: runs with different "
+                                 f"configs ({', '.join(sorted(done['cell_hash'].unique()))}) "
+                                 "would be mixed in one cell; remove the stale runs")
             n_failed = int((mine["status"] == results.STATUS_FAILED).sum())
-            line["status"] = f"done ({n_failed} failed)" if n_failed else "done"  # never hidden
+            line.update(_measured(done, exp.row_select(rid) or select, n_failed))
         else:
             failed = mine[mine["status"] == results.STATUS_FAILED] if not mine.empty else mine
             line["status"] = (f"failed (epoch {failed['failed_epoch'].iloc[0]})"
@@ -121,11 +118,41 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
             line["diff_clean"] = line["clean_acc"] - float(line.get("paper_clean", math.nan))
             line["diff_pgd"] = line["pgd_acc"] - float(line.get("paper_pgd", math.nan))
         lines.append(line)
+    # the best-epoch column only where a row shows best epochs: the final tables stay as they were
+    best = ["best_epoch"] if select == "best" or any(exp.row_select(r) for r in exp.row_ids) \
+        else []
     diffs = ["diff_clean", "diff_pgd"] if scale == "paper" else []
-    frame = pd.DataFrame(lines).reindex(columns=COLUMNS + diffs)  # every column, always
+    frame = pd.DataFrame(lines).reindex(columns=COLUMNS + best + diffs)  # every column, always
     # a count stays a count when some row has none (not run, unreadable): 1000, never 1000.0
     frame["eval_n"] = frame["eval_n"].astype("Int64")
     return frame
+
+
+def _measured(done: pd.DataFrame, select: str, n_failed: int) -> dict[str, Any]:
+    """The measured cells of one row from its done runs (one per seed), of their final or
+    best-epoch models; never a mean over the seeds that have a best epoch and some that don't."""
+    line: dict[str, Any] = {"arch": done["arch"].iloc[0], "dataset": done["dataset"].iloc[0],
+                            "n_seeds": int(len(done))}
+    if select == "best":
+        if "best_epoch" not in done or done["best_epoch"].isna().any():
+            return {**line, "status": "no best epoch (val_n = 0)"}
+        done = done.assign(**{k: done.get(f"best_{k}") for k in BEST_SHOWN})
+        line["best_epoch"] = _joined(done["best_epoch"])  # per seed: "12" or "12/15/14"
+    done = done.assign(cost_pflop=pd.to_numeric(done["train_flops"]) / 1e15,
+                       pretrain_pflop=pd.to_numeric(done.get("pretrain_flops"),
+                                                    errors="coerce") / 1e15)
+    for col in MEASURED:
+        mean, std = _stats(done[col]) if col in done else (math.nan, math.nan)
+        line[col] = mean
+        if col in ("clean_acc", "pgd_acc", "aa_acc"):
+            line[col.replace("_acc", "_std")] = std
+    if "aa_acc" in done and done["aa_acc"].isna().any():
+        line["aa_acc"] = line["aa_std"] = math.nan  # never a mean over some seeds only
+    line["eval_n"] = int(done["eval_n"].iloc[0])
+    line["aa_n"] = _joined(done.get("aa_n"))
+    line["checks"] = cell_checks(done.get("checks"))
+    line["status"] = f"done ({n_failed} failed)" if n_failed else "done"  # never hidden
+    return line
 
 
 def cell_checks(values: pd.Series | None) -> str:
@@ -195,10 +222,13 @@ def display_frame(df: pd.DataFrame, time_unit: str = "min") -> pd.DataFrame:
     if "diff_clean" in df:
         out.insert(12, "Δ clean", df["diff_clean"].map(_num))
         out.insert(13, "Δ PGD", df["diff_pgd"].map(_num))
+    if "best_epoch" in df:
+        out.insert(out.columns.get_loc("Seeds") + 1, "Best epoch", _text(df["best_epoch"]))
     return out
 
 
-def footnote(name: str, scale: str, df: pd.DataFrame, controlled_arch: str | None = None) -> str:
+def footnote(name: str, scale: str, df: pd.DataFrame, controlled_arch: str | None = None,
+             select: str = "final") -> str:
     exp = load_experiment(name)
     n = sorted({int(v) for v in df.get("eval_n", pd.Series(dtype=float)).dropna()})
     n_text = "/".join(str(v) for v in n) or "?"
@@ -213,6 +243,12 @@ def footnote(name: str, scale: str, df: pd.DataFrame, controlled_arch: str | Non
             f"Scale: {scale}. ")
     if controlled_arch:
         text += f"Controlled: every row on {controlled_arch} (not the rows' reference networks). "
+    if "best_epoch" in df:
+        text += (("Every row shows" if select == "best" else "A row with a Best epoch shows")
+                 + " its runs' best epoch: the checkpoint of the epoch with the highest PGD-10 "
+                 "accuracy on the validation images held out of training (val_n; never the "
+                 "test images), measured with the protocol above; Time and Cost are the whole "
+                 "run's. ")
     if scale != "paper":
         text += ("These are stand-ins, not the paper's setting: " + " ".join(exp.footnote.split()) +
                  " The paper's columns are shown for reference; differences are computed at "
@@ -221,14 +257,19 @@ def footnote(name: str, scale: str, df: pd.DataFrame, controlled_arch: str | Non
 
 
 def write_table(name: str, scale: str, results_dir: str | Path = "results",
-                controlled_arch: str | None = None) -> dict[str, Path]:
-    df = table_frame(name, scale, results_dir, controlled_arch)
+                controlled_arch: str | None = None, select: str = "final") -> dict[str, Path]:
+    """results/tables/<scale>/<name>.{md,csv,tex}; with select "best", <name>-best.*, so the
+    final-model table is never replaced by the best-epoch one."""
+    df = table_frame(name, scale, results_dir, controlled_arch, select)
     exp = load_experiment(name)
     shown = display_frame(df, exp.time_unit)
-    note = footnote(name, scale, df, controlled_arch)
+    note = footnote(name, scale, df, controlled_arch, select)
     out_dir = Path(results_dir) / "tables" / scale
+    name = exp.name  # an experiment given as a file path is written under its name
     if controlled_arch:
         name = controlled_name(name, controlled_arch)
+    if select == "best":
+        name = f"{name}-best"
     md = f"### {exp.title} ({scale} scale)\n\n{shown.to_markdown(index=False)}\n\n{note}\n"
     tex = (shown.to_latex(index=False, escape=True) + "\n% " + note + "\n")
     paths = {"md": out_dir / f"{name}.md", "csv": out_dir / f"{name}.csv",
