@@ -411,6 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controlled", metavar="ARCH", help="the controlled variant on ARCH")
     p.set_defaults(func=cmd_status)
 
+    _add_store_commands(sub)
+    _add_device_commands(sub)
+    return parser
+
+
+def _add_store_commands(sub: Any) -> None:
+    """The commands that read the results store and train nothing."""
     p = sub.add_parser("table", help="render tables from the results store")
     p.add_argument("experiments", nargs="+", help="e.g. table1")
     _add_select(p)
@@ -436,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-dir", default=None, help="results store (default results)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_device_commands(sub: Any) -> None:
+    """The commands that measure the machine (synthetic data, nothing stored in runs/)."""
     from . import bench
     p = sub.add_parser("bench", help="images/s, FLOPs and MFU of one method's training step")
     bench.add_arguments(p)
@@ -446,7 +456,6 @@ def build_parser() -> argparse.ArgumentParser:
                        "pair eager and compiled, a PGD-10 epoch, bf16 vs fp32, Table 1's hours")
     gpucheck.add_arguments(p)
     p.set_defaults(func=gpucheck.main)
-    return parser
 
 
 def _print_lists() -> None:
