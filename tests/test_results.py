@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from paper_repro import cli, results, runner
+from paper_repro import cli, pipeline, results, runner
 from paper_repro.report.tables import table_frame
 from conftest import tiny_config
 
@@ -135,7 +135,7 @@ def test_status_names_an_unreadable_pretraining_and_the_run_that_needs_it(tmp_pa
 
     cfg = resolve_row(load_experiment("table1"), "aft", "smoke",
                       method_recipe=get_method("aft").recipe)
-    pre = runner.pretrain_config(cfg)
+    pre = pipeline.pretrain_config(cfg)
     pre_dir = results.run_dir(tmp_path, results.pretrain_path("smoke", pre.config_hash()))
     results.write_record(pre_dir, {"status": "done"})
     _future(pre_dir / "record.json")
