@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from paper_repro.models.registry import ImageClassifier, create_model, list_models, register_model
 
 # Imported for their @register_model side effect (each family fills the registry in its own file).
-from paper_repro.models import hub, preact_resnet, resnet, small_cnn, wide_resnet  # noqa: E402,F401  isort: skip
+from paper_repro.models import hub, mlp, preact_resnet, resnet, small_cnn, wide_resnet  # noqa: E402,F401  isort: skip
 
 if TYPE_CHECKING:
     from paper_repro.config import RunConfig

@@ -132,7 +132,8 @@ class PerImageStandardize(nn.Module):
 class ImageClassifier(nn.Module):
     """A network plus its input normalisation: takes [0,1] images, returns logits.
 
-    `net` exposes `.stem` (the first conv; YOPO's "layer one", whose output is z0),
+    `net` exposes `.stem` (the first layer, a conv or a Linear on flattened images; YOPO's
+    "layer one", whose output is z0),
     `.forward_features(x) -> [B, D]` and `.classifier` (nn.Linear).
     """
 
@@ -149,7 +150,7 @@ class ImageClassifier(nn.Module):
         return self.net.forward_features(self.normalize(x))
 
     @property
-    def stem(self) -> nn.Conv2d:
+    def stem(self) -> nn.Module:
         return self.net.stem
 
 

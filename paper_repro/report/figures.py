@@ -9,6 +9,7 @@ pareto_<table>: robustness against training cost for every row of a table: PGD-2
       accuracy against counted training FLOPs (AFT with and without its pre-training as two
       linked points), error bars over seeds, and the paper's own points against its reported
       times. Drawn from the table's cells (`tables.table_frame`), i.e. from the store alone.
+regime: the regime search's curves, one panel per setting, with its table (report/regime.py).
 
 Every file is byte-stable: the same store gives the same bytes (no dates or versions in the
 PNG and PDF metadata), so `aggregate` leaves a clean git tree when nothing changed.
@@ -360,4 +361,7 @@ def write_figures(scale: str, results_dir: str | Path = "results") -> list[Path]
         written += _save(fig5_schedule(run), out_dir, "fig5")
     written += write_fig3(runs, out_dir)
     written += write_pareto(scale, results_dir, out_dir)
+    from .regime import write_regime  # its table too: the search is rendered in one place
+
+    written += write_regime(scale, results_dir)
     return written
