@@ -17,6 +17,8 @@ Why it is shaped this way (DESIGN §10):
   pre-training needs its teacher) gets that run as its own job, once per config hash however
   many rows share it, and waits for it with `--dependency=afterok`. The graph is the one the
   local path walks (paper_repro/pipeline.py); the runner never trains a prerequisite itself.
+- One module (over 400 lines) because submission, the ledger and status read the same
+  scheduler state; split, each part would need the others' private helpers.
 - submitit is imported only when a job is built or submitted: the CLI imports this module for
   its flags, and training must not depend on submitit.
 """

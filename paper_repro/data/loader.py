@@ -59,7 +59,23 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
-class ArrayLoader:
+class EpochSeeded:
+    """A loader whose epoch e is a pure function of (seed, e): `set_epoch(e)` picks the epoch of
+    the next iteration and each iteration advances it, so a resumed run replays epoch e."""
+
+    seed: int
+    _epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        epoch_seed(self.seed, epoch)  # validate
+        self._epoch = epoch
+
+    def _take_epoch(self) -> int:
+        epoch, self._epoch = self._epoch, self._epoch + 1
+        return epoch
+
+
+class ArrayLoader(EpochSeeded):
     """Minibatches from in-memory uint8 arrays, augmented on the device in one batched op (airbench's CifarLoader idea).
 
     The arrays move to `device` once, as uint8. Each epoch draws, on a private CPU generator seeded
@@ -117,14 +133,8 @@ class ArrayLoader:
             return self.num_samples // self.batch_size
         return math.ceil(self.num_samples / self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        epoch_seed(self.seed, epoch)  # validate
-        self._epoch = epoch
-
     def __iter__(self) -> Iterator[Batch]:
-        epoch = self._epoch
-        self._epoch += 1
-        return self._batches(epoch)
+        return self._batches(self._take_epoch())
 
     def _batches(self, epoch: int) -> Iterator[Batch]:
         n, pad = self.num_samples, self.augment.pad

@@ -9,7 +9,7 @@ import torch
 import torch.utils.data
 
 from paper_repro.data.image_folder import image_folder
-from paper_repro.data.loader import Batch, epoch_seed
+from paper_repro.data.loader import Batch, EpochSeeded, epoch_seed
 from paper_repro.errors import ConfigError
 
 
@@ -57,7 +57,7 @@ class RankSlices(torch.utils.data.Sampler):
             yield batch[start:start + sizes[self.rank]]
 
 
-class _ImageNetLoader:
+class _ImageNetLoader(EpochSeeded):
     """A DataLoader that yields Batch and is seeded per epoch like ArrayLoader.
 
     Batches stay on the CPU (pinned when CUDA is available) unless `device` is given, then they
@@ -104,14 +104,8 @@ class _ImageNetLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def set_epoch(self, epoch: int) -> None:
-        epoch_seed(self.seed, epoch)  # validate
-        self._epoch = epoch
-
     def __iter__(self) -> Iterator[Batch]:
-        epoch = self._epoch
-        self._epoch += 1
-        self._generator.manual_seed(epoch_seed(self.seed, epoch))
+        self._generator.manual_seed(epoch_seed(self.seed, self._take_epoch()))
         if self.device is None:
             return (Batch(x, y, index) for x, y, index in self.loader)
         return (Batch(*(t.to(self.device, non_blocking=True) for t in (x, y, index)))
