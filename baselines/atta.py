@@ -35,6 +35,8 @@ Deviations:
 - Crop offsets and flips come from torch's global RNG (seeded per epoch by the runner), not
   Python's `random`; the runner's loader reshuffles every epoch, whereas the reference shuffles
   the in-memory set once when loading it.
+- `flip=False` (not in the reference) turns the flips off, and `pad=0` the crops, for a stand-in
+  whose other rows train without augmentation (the cpu MLP), so ATTA sees the same images.
 - Only the stored adversarial images are method state (checkpointed for resume); the natural
   padded images are recomputed from `loader.images` per batch rather than kept on the device.
 """
@@ -61,6 +63,7 @@ class ATTASettings:
     step_size: float | None = None   # in pixels; None: the reference's ATTA-k step, × ε/0.031
     pad: int = 4                     # padding of the stored images, and crop range {0..2·pad}
     pad_value: float = 0.5           # grey border of the padded images
+    flip: bool = True                # random horizontal flips (False: a stand-in trained without)
     reset_every: int = 10            # reset the store before 1-indexed epochs e % reset_every == 0
     loss_scale: str = "mean"         # "mean": mean CE; "reference": mean CE / B as the reference
 
@@ -158,7 +161,8 @@ class ATTA(Method):
             index, y, b = batch.index, batch.y, len(batch.index)
             # drawn on the device: a host-to-device copy per batch would be a host sync
             offsets = torch.randint(0, 2 * s.pad + 1, (b, 2), device=device)
-            flips = torch.rand(b, device=device) < 0.5
+            flips = (torch.rand(b, device=device) < 0.5 if s.flip
+                     else torch.zeros(b, dtype=torch.bool, device=device))
             stored = self.adv[index]
             x_nat = augment(pad_images(images[index], s.pad, s.pad_value), offsets, flips, size)
             x_start = augment(stored, offsets, flips, size)  # continue from the stored image

@@ -34,7 +34,7 @@ from .evaluation import best_evaluation, final_evaluation, missing_evaluation, r
 from .flops import TotalFlopCounter
 from .methods import Context, Method, get_method
 from .models import build_model
-from .monitoring import MonitorSets, ProgressLoader, monitor, monitor_sets
+from .monitoring import VAL_SCORE, MonitorSets, ProgressLoader, monitor, monitor_sets
 from .provenance import code_version, hardware
 from .recorder import Recorder, SilentRecorder
 from .schedules import Schedule, make_schedule
@@ -265,8 +265,11 @@ def _final_record(cfg: RunConfig, run: _Run, state: TrainingState, base_record: 
     best = best_evaluation(run.model, directory, final, state.epoch, *test, cfg, run.device)
     faults.point("eval")  # test-only (faults.py): no-op unless REPRO_FAULT names it
     pretrain = run.pretrain_record or {}
+    last = state.metrics[-1] if state.metrics else {}
+    # the final model's validation scores: what a hyper-parameter sweep selects on (not test)
+    validation = {k: last[k] for k in ("val_clean_acc", VAL_SCORE) if k in last}
     return {
-        **base_record, **final, **best,
+        **base_record, **final, **best, **validation,
         "status": results.STATUS_DONE,
         "epochs_done": state.epoch, "steps_done": state.global_step,
         "steps_per_epoch": run.steps_per_epoch, "stopped_early": state.stop_reason,

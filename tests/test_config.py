@@ -33,7 +33,8 @@ def test_paper_scale_rows_use_the_papers_setup():
 
 def test_scale_blocks_rows_and_cli_layer_in_order():
     cpu = _row("aft", "cpu")
-    assert (cpu.dataset, cpu.arch, cpu.eps, cpu.epochs) == ("fashion-mnist", "cnn-small", 0.1, 3)
+    assert (cpu.dataset, cpu.arch, cpu.eps, cpu.epochs) == ("fashion-mnist", "mlp", 0.1, 10)
+    assert (cpu.train_subset, cpu.val_n, cpu.augment_pad, cpu.augment_flip) == (1000, 500, 0, False)
     smoke = _row("aft", "smoke")  # inherits cpu, then its own block
     assert smoke.dataset == "fashion-mnist" and smoke.train_subset == 256 and smoke.epochs == 1
     cli = _row("aft", "cpu", epochs=7, schedule_args={"peak_at": 0.2})

@@ -1,6 +1,7 @@
 """Figures from the results store only: PNG + PDF in results/figures/<scale>/.
 
-fig1: per-epoch accuracy of PGD AT (clean test, PGD test, PGD train) with the LR drops marked.
+fig1: per-epoch accuracy of PGD AT (clean test, PGD test, PGD train, PGD validation) with the LR
+      drops marked.
 fig3: penultimate-layer features of a fixed set of test images, LDA to c-1 dims then PCA to 2-D,
       one panel per model (natural, PGD AT, AFT: Table 1's runs), one colour per class.
 fig4: step-LR(i, 0.5) fine-tunes of one pre-trained model, one curve per plateau length i.
@@ -62,13 +63,15 @@ def _first_run(runs: pd.DataFrame, experiment: str, row: str) -> pd.Series | Non
 def fig1_overfitting(run: pd.Series) -> plt.Figure:
     """Accuracy per epoch on clean test, PGD test and PGD train data; LR drops as lines."""
     m = results.load_metrics(run["run_dir"])
-    curves = [c for c in ("test_clean_acc", "test_pgd_acc", "train_pgd_acc") if c in m]
-    long = m.melt(id_vars="epoch", value_vars=curves,  # no PGD curves when monitor_n = 0
+    names = {"test_clean_acc": "clean test", "test_pgd_acc": "PGD test",
+             "train_pgd_acc": "PGD train", "val_pgd_acc": "PGD validation"}
+    curves = [c for c in names if c in m]  # no PGD curves when monitor_n = 0, no validation
+    long = m.melt(id_vars="epoch", value_vars=curves,  # curve without a validation split
                   var_name="curve", value_name="accuracy (%)")
-    long["curve"] = long["curve"].map({"test_clean_acc": "clean test", "test_pgd_acc":
-                                       "PGD test", "train_pgd_acc": "PGD train"})
+    long["curve"] = long["curve"].map(names)
     fig, ax = plt.subplots(figsize=(6, 4))
-    sns.lineplot(data=long, x="epoch", y="accuracy (%)", hue="curve", marker="o", ax=ax)
+    sns.lineplot(data=long, x="epoch", y="accuracy (%)", hue="curve",
+                 marker="o" if len(m) <= 60 else None, ax=ax)
     drops = m["epoch"][m["lr"].diff() < 0]
     for e in drops:
         ax.axvline(e - 0.5, color="grey", ls="--", lw=0.8)

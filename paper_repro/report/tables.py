@@ -25,14 +25,14 @@ from ..evaluation import (AA_ATTACKS, AA_PACKAGE, LARGE_EPS_FACTOR, LARGE_EPS_MA
 
 REPO_PAPER_DIR = Path(__file__).resolve().parents[2] / "results" / "paper"
 COLUMNS = ["row", "method", "arch", "dataset", "scale", "n_seeds", "clean_acc", "clean_std",
-           "pgd_acc", "pgd_std", "aa_acc", "aa_std", "train_minutes", "pretrain_minutes",
+           "pgd_acc", "pgd_std", "aa_acc", "aa_std", "val_pgd_acc", "train_minutes", "pretrain_minutes",
            "cost_pflop", "pretrain_pflop", "eval_n", "aa_n", "checks", "status", "paper_arch",
            "paper_clean", "paper_pgd", "paper_time", "paper_time_unit", "paper_minutes",
            "paper_source"]
-MEASURED = ["clean_acc", "pgd_acc", "aa_acc", "train_minutes", "pretrain_minutes", "cost_pflop",
+MEASURED = ["clean_acc", "pgd_acc", "aa_acc", "val_pgd_acc", "train_minutes", "pretrain_minutes", "cost_pflop",
             "pretrain_pflop"]
 UNCHECKED = "unchecked"  # a run evaluated before the checks existed
-BEST_SHOWN = ("clean_acc", "pgd_acc", "aa_acc", "checks")  # read from best_<key> at select best
+BEST_SHOWN = ("clean_acc", "pgd_acc", "aa_acc", "val_pgd_acc", "checks")  # best_<key> at best
 # What the Checks column means, with the thresholds (evaluation.py)
 CHECKS_NOTE = ("Checks (on the PGD images): clean ≥ FGSM ≥ PGD-20 ≥ AA (each with "
                f"{ORDER_TOLERANCE_PP} pp slack), PGD-100 at most {PGD100_MARGIN_PP} pp below "
@@ -224,6 +224,8 @@ def display_frame(df: pd.DataFrame, time_unit: str = "min") -> pd.DataFrame:
         out.insert(13, "Δ PGD", df["diff_pgd"].map(_num))
     if "best_epoch" in df:
         out.insert(out.columns.get_loc("Seeds") + 1, "Best epoch", _text(df["best_epoch"]))
+    if "val_pgd_acc" in df and df["val_pgd_acc"].notna().any():  # what sweeps select on
+        out.insert(out.columns.get_loc("AA") + 1, "Val PGD-10", df["val_pgd_acc"].map(_num))
     return out
 
 
@@ -243,6 +245,10 @@ def footnote(name: str, scale: str, df: pd.DataFrame, controlled_arch: str | Non
             f"Scale: {scale}. ")
     if controlled_arch:
         text += f"Controlled: every row on {controlled_arch} (not the rows' reference networks). "
+    if df.get("val_pgd_acc", pd.Series(dtype=float)).notna().any():
+        text += ("Val PGD-10: PGD-10 (α = ε/4) accuracy on the validation images held out of "
+                 "training (val_n), of the model the row shows; choices are made on it, never on "
+                 "the test columns. ")
     if "best_epoch" in df:
         text += (("Every row shows" if select == "best" else "A row with a Best epoch shows")
                  + " its runs' best epoch: the checkpoint of the epoch with the highest PGD-10 "
@@ -277,6 +283,10 @@ def write_table(name: str, scale: str, results_dir: str | Path = "results",
     results.atomic_write_text(paths["md"], md)
     results.atomic_write_text(paths["csv"], df.to_csv(index=False))
     results.atomic_write_text(paths["tex"], tex)
+    if select == "final" and not controlled_arch:  # AFT − PGD AT over seeds, where it has seeds
+        from .paired import write_paired
+        for path in write_paired(exp.name, scale, results_dir):
+            paths[f"paired_{path.suffix[1:]}"] = path
     return paths
 
 

@@ -1,0 +1,113 @@
+"""Paired differences over seeds: is AFT better than PGD AT, and by how much?
+
+Seed k of one row and seed k of another share their data order, initial weights and
+validation split only through the seed, so their difference is a paired sample; the mean of the
+differences over seeds gets a 95% Student-t interval (scipy), mean ± t(0.975, n−1)·sd/√n.
+A table with no pair, or a pair with fewer than two common seeds, writes nothing.
+Rows are shown as their tables show them: a view row (PGD AT early stop) at its best epoch.
+Written beside the table as results/tables/<scale>/<table>_paired.{md,csv}.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from scipy import stats
+
+from .. import results
+from ..config import load_experiment
+
+# (row, baseline) pairs per table: AFT against the long PGD AT run and its early-stopped view
+PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
+    "table1": (("aft", "pgd_at"), ("aft", "pgd_at_es"), ("aft_500k", "pgd_at"),
+               ("aft_500k", "pgd_at_es")),
+}
+METRICS = (("clean_acc", "clean"), ("pgd_acc", "PGD-20"), ("aa_acc", "AA"))
+CONFIDENCE = 0.95
+
+
+def _per_seed(runs: pd.DataFrame, experiment: str, row_id: str) -> pd.DataFrame:
+    """One line per seed of a row's done runs, its metrics at the row's select, and its cost."""
+    exp = load_experiment(experiment)
+    source, select = exp.source_row(row_id), exp.row_select(row_id) or "final"
+    done = runs[(runs["experiment"] == experiment) & (runs["row"] == source)
+                & (runs["status"] == results.STATUS_DONE)]
+    prefix = "best_" if select == "best" else ""
+    out = pd.DataFrame({"seed": done["seed"].astype(int)})
+    for key, _ in METRICS:
+        column = f"{prefix}{key}"
+        out[key] = pd.to_numeric(done[column], errors="coerce") if column in done else math.nan
+    out["train_flops"] = pd.to_numeric(done["train_flops"], errors="coerce")
+    out["pretrain_flops"] = (pd.to_numeric(done["pretrain_flops"], errors="coerce")
+                             if "pretrain_flops" in done else math.nan)
+    return out.set_index("seed")
+
+
+def interval(diffs: pd.Series) -> tuple[float, float, float]:
+    """Mean and the 95% Student-t interval of paired differences (n >= 2)."""
+    n, mean, sd = len(diffs), float(diffs.mean()), float(diffs.std(ddof=1))
+    half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def paired_frame(experiment: str, scale: str, results_dir: str | Path = "results") -> pd.DataFrame:
+    """One line per (pair, metric): seeds, mean difference, its 95% interval; plus the row's
+    training FLOPs relative to the baseline's, without and with its pre-training."""
+    runs = results.load(results_dir, scale=scale)
+    lines: list[dict[str, Any]] = []
+    if runs.empty:
+        return pd.DataFrame(lines)
+    exp = load_experiment(experiment)
+    for row_id, base_id in PAIRS.get(experiment, ()):
+        row, base = _per_seed(runs, experiment, row_id), _per_seed(runs, experiment, base_id)
+        seeds = sorted(set(row.index) & set(base.index))
+        if len(seeds) < 2:
+            continue
+        row, base = row.loc[seeds], base.loc[seeds]
+        flops = float(row["train_flops"].mean() / base["train_flops"].mean())
+        with_pretrain = float((row["train_flops"] + row["pretrain_flops"].fillna(0)).mean()
+                              / base["train_flops"].mean())
+        for key, name in METRICS:
+            diffs = (row[key] - base[key]).dropna()
+            if len(diffs) < 2:
+                continue
+            mean, low, high = interval(diffs)
+            lines.append({"row": row_id, "baseline": base_id,
+                          "comparison": f"{exp.row(row_id).get('label', row_id)} − "
+                                        f"{exp.row(base_id).get('label', base_id)}",
+                          "metric": name, "seeds": len(diffs), "mean_diff": mean,
+                          "ci_low": low, "ci_high": high,
+                          "per_seed": " / ".join(f"{d:+.1f}" for d in diffs),
+                          "flops_ratio": flops, "flops_ratio_with_pretrain": with_pretrain})
+    return pd.DataFrame(lines)
+
+
+def write_paired(experiment: str, scale: str, results_dir: str | Path = "results") -> list[Path]:
+    """<table>_paired.{md,csv} when the table has a pair with >= 2 common seeds, else nothing."""
+    frame = paired_frame(experiment, scale, results_dir)
+    if frame.empty:
+        return []
+    shown = pd.DataFrame({
+        "Comparison": frame["comparison"], "Metric": frame["metric"], "Seeds": frame["seeds"],
+        "Mean difference (pp)": frame["mean_diff"].map(lambda v: f"{v:+.2f}"),
+        "95% interval (pp)": [f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in
+                              zip(frame["ci_low"], frame["ci_high"])],
+        "Per seed (pp)": frame["per_seed"],
+        "FLOPs ratio": frame["flops_ratio"].map(lambda v: f"{v:.3f}"),
+        "FLOPs ratio incl. pre-training": frame["flops_ratio_with_pretrain"].map(
+            lambda v: f"{v:.3f}"),
+    })
+    note = ("Differences over seeds, paired by seed (seed k of each row), of the models the "
+            "table shows (PGD AT (early stop): the PGD AT runs' best validation epoch); 95% "
+            "Student-t interval of the mean difference. FLOPs ratio: the row's training FLOPs "
+            "over the baseline's (an early-stopped PGD AT run trains as long as PGD AT); incl. "
+            "pre-training: with its natural pre-training (AFT (+500K): the student's, on the "
+            f"labelled and pseudo-labelled images; its teacher not counted). Scale: {scale}.")
+    out_dir = Path(results_dir) / "tables" / scale
+    title = f"### {load_experiment(experiment).title}: paired differences ({scale} scale)"
+    md, csv = out_dir / f"{experiment}_paired.md", out_dir / f"{experiment}_paired.csv"
+    results.atomic_write_text(md, f"{title}\n\n{shown.to_markdown(index=False)}\n\n{note}\n")
+    results.atomic_write_text(csv, frame.to_csv(index=False))
+    return [md, csv]
