@@ -144,7 +144,7 @@ def _experiment_configs(args: argparse.Namespace, name: str, scale: str) -> list
         configs += [resolve_row(exp, row_id, scale, seed=seed, overrides=overrides,
                                 method_recipe=_recipe(method),
                                 controlled_arch=getattr(args, "controlled", None))
-                    for seed in _seeds(args)]
+                    for seed in _seeds(args, exp.seeds.get(scale, 1))]
     return configs
 
 
@@ -319,10 +319,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seeds(args: argparse.Namespace) -> list[int]:
-    if args.seeds < 1:
+def _seeds(args: argparse.Namespace, default: int = 1) -> list[int]:
+    """--seed K --seeds N: seeds K..K+N-1; without --seeds, the experiment's own count for
+    the scale (`seeds = { cpu = 3 }` in its file), else 1."""
+    seeds = default if args.seeds is None else args.seeds
+    if seeds < 1:
         raise ReproError("--seeds must be >= 1")
-    return list(range(args.seed, args.seed + args.seeds))
+    return list(range(args.seed, args.seed + seeds))
 
 
 def _report(record: dict[str, Any], select: str = "final") -> None:
@@ -361,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--scale", choices=["smoke", "cpu", "paper"], default=None,
                        help="default: paper with a GPU, else cpu")
         p.add_argument("--seed", type=int, default=0, help="first seed")
-        p.add_argument("--seeds", type=int, default=1, help="number of seeds (runs per row)")
+        p.add_argument("--seeds", type=int, default=None,
+                       help="number of seeds (runs per row; default: the experiment file's "
+                            "`seeds` for the scale, else 1)")
         p.add_argument("--resume", action="store_true",
                        help="require a checkpoint to continue from (runs resume anyway)")
         if name != "status":

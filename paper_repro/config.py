@@ -278,6 +278,7 @@ class Experiment:
     footnote: str = ""
     time_unit: str = "min"  # the paper's unit for the time column: "min" or "hours"
     kind: str = "table"     # "table" (rendered as a table) or "figure" (its runs feed a figure)
+    seeds: dict[str, int] = field(default_factory=dict)  # runs per row a sweep makes, per scale
 
     @property
     def row_ids(self) -> list[str]:
@@ -357,7 +358,18 @@ def load_experiment(name_or_path: str) -> Experiment:
     return Experiment(name=data.get("name", path.stem), title=data.get("title", path.stem),
                       paper_csv=data.get("paper_csv"), scales=data.get("scales", {}),
                       rows=tuple(_check_views(rows, path)), footnote=data.get("footnote", ""),
-                      time_unit=data.get("time_unit", "min"), kind=data.get("kind", "table"))
+                      time_unit=data.get("time_unit", "min"), kind=data.get("kind", "table"),
+                      seeds=_check_seeds(data.get("seeds", {}), path))
+
+
+def _check_seeds(seeds: Any, path: Path) -> dict[str, int]:
+    """`seeds = { cpu = 3 }`: how many seeds a sweep runs per row at each scale (default 1)."""
+    if not isinstance(seeds, dict) or any(
+            s not in SCALES or not isinstance(n, int) or isinstance(n, bool) or n < 1
+            for s, n in seeds.items()):
+        raise ConfigError(f"{path}: seeds must map scales ({', '.join(SCALES)}) to counts "
+                          f">= 1, e.g. seeds = {{ cpu = 3 }}; got {seeds!r}")
+    return dict(seeds)
 
 
 def unsupported_reason(exp: Experiment, row_id: str, scale: str) -> str | None:

@@ -13,7 +13,7 @@ every run it needs first, AFT's natural pre-training and self-training's teacher
   the counted minibatch. Per-epoch extras outside the minibatch loop (Fast AT's optional guard,
   off in every row) are not counted;
 - monitoring FLOPs: each epoch's clean accuracy on the test set and PGD-`monitor_steps` on the
-  fixed test and train subsets;
+  fixed test and train subsets, and clean and PGD-10 on the `val_n` validation images;
 - evaluation FLOPs: clean accuracy, PGD-`eval_steps` on `eval_n` images, and the checks (FGSM,
   PGD-100, PGD-20 at 4ε) when on; AutoAttack's budget as an upper bound: APGD-CE 100 + APGD-T
   9 × 100 + FAB-T 9 × 100 iterations (each costed as a PGD step) and Square's 5,000 queries
@@ -40,7 +40,7 @@ from .bench import TRAIN_IMAGES, make_bench
 from .config import RunConfig
 from .data import dataset_info
 from .errors import ConfigError
-from .evaluation import pgd_attack
+from .evaluation import VAL_STEPS, pgd_attack
 from .flops import TotalFlopCounter
 from .methods import get_method
 from .models import build_model
@@ -84,6 +84,8 @@ def train_images(cfg: RunConfig) -> int:
     if cfg.dataset not in TRAIN_IMAGES:
         raise ConfigError(f"plan: no training-set size known for '{cfg.dataset}'")
     n = TRAIN_IMAGES[cfg.dataset] if cfg.train_subset is None else cfg.train_subset
+    if cfg.train_subset is None:  # the validation images leave the full training set
+        n -= cfg.val_n
     if cfg.extra_data == "pseudo-label":
         n += cfg.extra_data_n
     elif cfg.extra_data == "ti500k":
@@ -146,6 +148,8 @@ def cost_of(cfg: RunConfig, run_path: str, gpu: str, mfu: float | None,
     monitor = attack["forward"] * test_n
     if cfg.monitor_n > 0 and cfg.monitor_steps > 0:
         monitor += 2 * min(cfg.monitor_n, test_n) * _pgd(attack, cfg.monitor_steps)
+    if cfg.val_n > 0:  # every epoch: clean and PGD-10 on the validation images (best.pt)
+        monitor += cfg.val_n * (attack["forward"] + _pgd(attack, VAL_STEPS))
     evaluation = attack["forward"] * test_n + eval_n * _pgd(attack, cfg.eval_steps)
     if cfg.eval_checks:
         evaluation += eval_n * (_pgd(attack, 1) + _pgd(attack, 100) + _pgd(attack, 20))

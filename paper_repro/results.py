@@ -338,10 +338,19 @@ def load(results_dir: str | Path = "results", *, scale: str | None = None,
         row.update(experiment=config.get("experiment"), row=config.get("row"),
                    scale=config.get("scale"), seed=config.get("seed"),
                    method=config.get("method"), arch=config.get("arch"),
+                   arch_label=arch_label(config.get("arch"), config.get("model_args")),
                    dataset=config.get("dataset"), config_hash=config.get("config_hash"),
                    run_dir=str(d), metrics_path=str(d / "metrics.csv"))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def arch_label(arch: str | None, model_args: dict | None) -> str | None:
+    """The network as a table names it: the registry name and its arguments, so that two
+    stand-ins of one family (e.g. MLPs of two widths) never look the same."""
+    if not model_args:
+        return arch
+    return f"{arch} ({', '.join(f'{k}={v}' for k, v in sorted(model_args.items()))})"
 
 
 def problems(frame: pd.DataFrame) -> list[str]:

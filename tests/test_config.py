@@ -99,7 +99,7 @@ def test_parse_override():
 def test_changing_the_schedule_drops_the_old_schedules_arguments():
     cfg = _row("aft", "cpu", schedule="constant")
     assert cfg.schedule == "constant" and cfg.schedule_args == {}
-    assert _row("aft", "cpu").pretrain == {"epochs": 30}
+    assert _row("aft", "cpu").pretrain == {"epochs": 195}
 
 
 def test_controlled_runs_every_row_on_one_architecture():
@@ -139,3 +139,24 @@ def test_evaluation_settings_are_not_part_of_a_runs_identity():
     assert off.config_hash() == cpu.config_hash() and off.cell_hash() == cpu.cell_hash()
     with pytest.raises(ConfigError, match="aa_n must be >= 0"):
         _row("pgd_at", "cpu", aa_n=-1)
+
+
+def test_an_experiment_file_sets_how_many_seeds_a_sweep_runs(tmp_path):
+    """table1 runs 3 seeds per row at cpu scale (mean ± std cells) without --seeds; --seeds
+    overrides; other scales and files default to one; a bad count is one clear error."""
+    from paper_repro import cli
+    parser = cli.build_parser()
+
+    def seeds(*argv: str, scale: str = "cpu", name: str = "table1") -> set[int]:
+        args = parser.parse_args(["sweep", name, "--scale", scale, *argv])
+        return {c.seed for c in cli._experiment_configs(args, name, scale)}
+
+    assert load_experiment("table1").seeds == {"cpu": 3}
+    assert seeds() == {0, 1, 2} and seeds("--seeds", "1") == {0}
+    assert seeds("--seed", "5") == {5, 6, 7}
+    assert seeds(scale="smoke") == {0} and seeds(name="table2") == {0}
+    bad = tmp_path / "bad.toml"
+    bad.write_text('seeds = { cpu = 0 }\n[[rows]]\nid = "a"\nmethod = "natural"\n')
+    with pytest.raises(ConfigError, match="seeds must map scales") as info:
+        load_experiment(str(bad))
+    assert "\n" not in str(info.value)

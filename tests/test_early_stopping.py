@@ -155,11 +155,12 @@ def test_without_a_validation_split_nothing_changes(tmp_path):
     """The committed runs' configs keep their hashes (the split enters the hash only when set),
     and a run without the split writes what it wrote before: no best.pt, no val_* columns, no
     best_* record keys."""
-    exp = load_experiment("table1")
-    cfg = resolve_row(exp, "pgd_at", "cpu", method_recipe=get_method("pgd_at").recipe)
-    stored = REPO / "results" / "runs" / "cpu" / "table1" / "pgd_at" / "seed0" / "config.json"
+    exp = load_experiment("regime")  # committed runs without a validation split
+    cfg = resolve_row(exp, "mlp512-1k", "cpu", method_recipe=get_method("pgd_at").recipe)
+    stored = REPO / "results" / "runs" / "cpu" / "regime" / "mlp512-1k" / "seed0" / "config.json"
+    assert cfg.val_n == 0
     assert cfg.config_hash() == json.loads(stored.read_text())["config_hash"] == \
-        "8bc4e61b3dc988b9"
+        cfg.config_hash(exclude=("val_n",))
     configs = sorted((REPO / "results" / "runs").glob("**/config.json"))
     assert len(configs) > 20
     for path in configs:  # every committed run, pre-trainings included
@@ -208,7 +209,7 @@ view_of = "pgd_at"
 select = "best"
 """
 MEASURED = {"clean_acc", "clean_std", "pgd_acc", "pgd_std", "aa_acc", "aa_std", "checks",
-            "best_epoch"}
+            "best_epoch", "val_pgd_acc"}
 
 
 def _experiment(tmp_path, text=EXPERIMENT) -> str:
@@ -261,6 +262,12 @@ def test_select_changes_which_checkpoint_is_shown_and_nothing_else(tmp_path, mon
     assert final.loc["pgd_at", "clean_acc"] == pytest.approx(record["clean_acc"])
     assert best.loc["pgd_at", "clean_acc"] == pytest.approx(record["best_clean_acc"])
     assert best.loc["pgd_at", "best_epoch"] == 2 and pd.isna(final.loc["pgd_at", "best_epoch"])
+    # the validation score of the model shown: the last epoch's, or the best epoch's
+    metrics = pd.read_csv(run_dirs[0] / "metrics.csv")
+    assert final.loc["pgd_at", "val_pgd_acc"] == record["val_pgd_acc"] == \
+        metrics["val_pgd_acc"].iloc[-1]
+    assert best.loc["pgd_at", "val_pgd_acc"] == record["best_val_pgd_acc"] == \
+        metrics["val_pgd_acc"].max()
     same = [c for c in final.columns if c not in MEASURED]
     pd.testing.assert_frame_equal(final[same], best[same])
     # the view row shows the best epoch whatever the table's select

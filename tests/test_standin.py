@@ -52,7 +52,7 @@ def test_cpu_experiments_train_the_chosen_stand_in_on_one_validation_split(name)
             assert getattr(cfg, key) == getattr(chosen, key), (name, row_id, key)
         assert cfg.val_n == 500, (name, row_id)  # the same held-out images for every row
         if cfg.pretrain is not None:  # AFT's pre-training sees the same images and split
-            assert set(cfg.pretrain) <= {"epochs", "extra_data", "extra_data_n"}
+            assert set(cfg.pretrain) <= {"epochs", "extra_data", "extra_data_n", "monitor_n"}
 
 
 def test_table1_pgd_at_is_the_regime_run_that_over_fits():
@@ -81,3 +81,12 @@ def test_no_committed_cpu_table_cell_mixes_stand_ins():
             if name == "table1":
                 config = json.loads((path.parent / "config.json").read_text())
                 assert (config["arch"], record["train_images"]) == ("mlp", 1000), path
+
+
+def test_table1_aft_fig4_and_the_aft_sweep_fine_tune_one_pre_training():
+    """The sweep's choice, Fig 4's plateaus and Table 1's AFT start from the same natural
+    pre-training run (one config hash), so their differences are the fine-tune's alone."""
+    from paper_repro.pipeline import pretrain_config
+    hashes = {pretrain_config(_resolved(name, row)).config_hash()
+              for name, row in (("table1", "aft"), ("fig4", "i1"), ("aft_sweep", "lr1e-2"))}
+    assert len(hashes) == 1

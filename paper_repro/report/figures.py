@@ -75,7 +75,8 @@ def fig1_overfitting(run: pd.Series) -> plt.Figure:
     drops = m["epoch"][m["lr"].diff() < 0]
     for e in drops:
         ax.axvline(e - 0.5, color="grey", ls="--", lw=0.8)
-    ax.set_title(f"PGD AT, {run['arch']} on {run['dataset']} ({run['scale']} scale); "
+    net = run.get("arch_label") or run["arch"]
+    ax.set_title(f"PGD AT, {net} on {run['dataset']} ({run['scale']} scale); "
                  "dashed: LR drops", fontsize=9)
     return fig
 
@@ -103,7 +104,8 @@ def fig4_plateaus(runs: pd.DataFrame) -> plt.Figure:
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=7, title=None, loc="best")
     run = runs.iloc[0]
-    fig.suptitle(f"AFT with step-LR(i, 0.5), {run['arch']} on {run['dataset']} "
+    net = run.get("arch_label") or run["arch"]
+    fig.suptitle(f"AFT with step-LR(i, 0.5), {net} on {run['dataset']} "
                  f"({run['scale']} scale), one shared pre-trained model", fontsize=9)
     fig.tight_layout()
     return fig
@@ -236,7 +238,8 @@ def write_fig3(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     if points is None or run is None:
         return []
     info = dataset_info(run["dataset"])
-    subtitle = f"; {run['arch']} on {info.name}, {points['row'].value_counts().iloc[0]} test images"
+    net = run.get("arch_label") or run["arch"]
+    subtitle = f"; {net} on {info.name}, {points['row'].value_counts().iloc[0]} test images"
     return _save(fig3_features(points, info.class_names, subtitle=subtitle), out_dir, "fig3")
 
 

@@ -86,6 +86,8 @@ def paired_frame(experiment: str, scale: str, results_dir: str | Path = "results
 
 def write_paired(experiment: str, scale: str, results_dir: str | Path = "results") -> list[Path]:
     """<table>_paired.{md,csv} when the table has a pair with >= 2 common seeds, else nothing."""
+    if experiment not in PAIRS:
+        return []
     frame = paired_frame(experiment, scale, results_dir)
     if frame.empty:
         return []

@@ -25,12 +25,12 @@ from ..evaluation import (AA_ATTACKS, AA_PACKAGE, LARGE_EPS_FACTOR, LARGE_EPS_MA
 
 REPO_PAPER_DIR = Path(__file__).resolve().parents[2] / "results" / "paper"
 COLUMNS = ["row", "method", "arch", "dataset", "scale", "n_seeds", "clean_acc", "clean_std",
-           "pgd_acc", "pgd_std", "aa_acc", "aa_std", "val_pgd_acc", "train_minutes", "pretrain_minutes",
-           "cost_pflop", "pretrain_pflop", "eval_n", "aa_n", "checks", "status", "paper_arch",
-           "paper_clean", "paper_pgd", "paper_time", "paper_time_unit", "paper_minutes",
-           "paper_source"]
-MEASURED = ["clean_acc", "pgd_acc", "aa_acc", "val_pgd_acc", "train_minutes", "pretrain_minutes", "cost_pflop",
-            "pretrain_pflop"]
+           "pgd_acc", "pgd_std", "aa_acc", "aa_std", "val_pgd_acc", "train_minutes",
+           "pretrain_minutes", "cost_pflop", "pretrain_pflop", "eval_n", "aa_n", "checks",
+           "status", "paper_arch", "paper_clean", "paper_pgd", "paper_time", "paper_time_unit",
+           "paper_minutes", "paper_source"]
+MEASURED = ["clean_acc", "pgd_acc", "aa_acc", "val_pgd_acc", "train_minutes",
+            "pretrain_minutes", "cost_pflop", "pretrain_pflop"]
 UNCHECKED = "unchecked"  # a run evaluated before the checks existed
 BEST_SHOWN = ("clean_acc", "pgd_acc", "aa_acc", "val_pgd_acc", "checks")  # best_<key> at best
 # What the Checks column means, with the thresholds (evaluation.py)
@@ -114,6 +114,8 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
                         paper_pgd=p.get("pgd"), paper_time=p.get("time"),
                         paper_time_unit=p.get("time_unit"), paper_source=p.get("source"),
                         paper_minutes=_minutes(p.get("time"), p.get("time_unit")))
+        elif source != rid and source in paper.index:  # beyond the paper: its network only
+            line["paper_arch"] = paper.loc[source].get("arch")
         if scale == "paper" and line["status"] == "done":
             line["diff_clean"] = line["clean_acc"] - float(line.get("paper_clean", math.nan))
             line["diff_pgd"] = line["pgd_acc"] - float(line.get("paper_pgd", math.nan))
@@ -131,7 +133,9 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
 def _measured(done: pd.DataFrame, select: str, n_failed: int) -> dict[str, Any]:
     """The measured cells of one row from its done runs (one per seed), of their final or
     best-epoch models; never a mean over the seeds that have a best epoch and some that don't."""
-    line: dict[str, Any] = {"arch": done["arch"].iloc[0], "dataset": done["dataset"].iloc[0],
+    arch = done["arch_label"] if "arch_label" in done else done["arch"]
+    line: dict[str, Any] = {"arch": arch.iloc[0],
+                            "dataset": done["dataset"].iloc[0],
                             "n_seeds": int(len(done))}
     if select == "best":
         if "best_epoch" not in done or done["best_epoch"].isna().any():
