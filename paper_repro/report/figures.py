@@ -72,6 +72,7 @@ def fig1_overfitting(run: pd.Series) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6, 4))
     sns.lineplot(data=long, x="epoch", y="accuracy (%)", hue="curve",
                  marker="o" if len(m) <= 60 else None, ax=ax)
+    ax.legend(title=None, fontsize=8, loc="lower right")  # below the curves, clear of them
     drops = m["epoch"][m["lr"].diff() < 0]
     for e in drops:
         ax.axvline(e - 0.5, color="grey", ls="--", lw=0.8)
