@@ -32,6 +32,8 @@ SHRUNK = {"max_steps": 1, "batch_size": 2, "eval_n": 2, "eval_steps": 1, "monito
 
 def _one_step(experiment, row, overrides):
     method = experiment.row(row)["method"]
+    if experiment.scales["paper"].get("val_n"):  # Rice's 1,000 would leave no tiny set to train
+        overrides = {"val_n": 2, **overrides}
     cfg = resolve_row(experiment, row, "paper", overrides={**SHRUNK, **overrides},
                       method_recipe=get_method(method).recipe)
     return cfg, train(cfg, quiet=True)
@@ -56,6 +58,7 @@ def test_paper_row_runs_one_step(tmp_path, cifar_root, row):
     cfg, record = _one_step(TABLE1, row, overrides)
     assert cfg.dataset == "cifar10" and cfg.eps == pytest.approx(8 / 255)
     assert record["status"] == results.STATUS_DONE and record["steps_done"] == 1
+    assert record["best_epoch"] == 1 and record["val_n"] == 2  # the paper rows validate too
     assert record["train_flops"] > 0
 
 
@@ -79,7 +82,7 @@ def test_table2_paper_row_runs_one_step(tmp_path, cifar100_root, row):
     assert cfg.dataset == "cifar100" and cfg.eps == pytest.approx(8 / 255)
     assert record["status"] == results.STATUS_DONE
     assert record["steps_done"] == (0 if cfg.epochs == 0 else 1)
-    assert record["train_images"] == 4
+    assert record["train_images"] == 4 - 2  # two of the four held out for validation
 
 
 @pytest.fixture(scope="module")

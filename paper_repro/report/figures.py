@@ -231,6 +231,7 @@ def write_fig3(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     if points is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         results.atomic_write_text(csv, points.to_csv(index=False))
+        points = pd.read_csv(csv)  # drawn from the CSV either way: the same bytes without them
     elif csv.is_file():
         points = pd.read_csv(csv)
     # any of the panels' runs names the network and data (one unreadable record hides nothing)

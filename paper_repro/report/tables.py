@@ -127,6 +127,8 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
     frame = pd.DataFrame(lines).reindex(columns=COLUMNS + best + diffs)  # every column, always
     # a count stays a count when some row has none (not run, unreadable): 1000, never 1000.0
     frame["eval_n"] = frame["eval_n"].astype("Int64")
+    if best:  # text ("18/19/60") whether or not some row has one
+        frame["best_epoch"] = frame["best_epoch"].astype(object)
     return frame
 
 
