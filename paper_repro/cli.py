@@ -89,6 +89,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .local import train
 
     select = getattr(args, "select", "final")
+    if args.seeds is None:  # one run unless asked; an experiment's `seeds` is for its sweeps
+        args.seeds = 1
     if args.experiment:
         args.rows = args.row
         configs = _experiment_configs(args, args.experiment, args.scale or _default_scale())

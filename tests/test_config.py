@@ -155,8 +155,20 @@ def test_an_experiment_file_sets_how_many_seeds_a_sweep_runs(tmp_path):
     assert seeds() == {0, 1, 2} and seeds("--seeds", "1") == {0}
     assert seeds("--seed", "5") == {5, 6, 7}
     assert seeds(scale="smoke") == {0} and seeds(name="table2") == {0}
+
     bad = tmp_path / "bad.toml"
     bad.write_text('seeds = { cpu = 0 }\n[[rows]]\nid = "a"\nmethod = "natural"\n')
     with pytest.raises(ConfigError, match="seeds must map scales") as info:
         load_experiment(str(bad))
     assert "\n" not in str(info.value)
+
+
+def test_run_of_one_row_trains_one_seed_unless_asked(monkeypatch):
+    """An experiment's `seeds` is for its sweeps: `run --experiment table1 --row R` is one run."""
+    from paper_repro import cli, local
+    trained = []
+    monkeypatch.setattr(local, "train", lambda cfg, resume=False: trained.append(cfg.seed) or {})
+    monkeypatch.setattr(cli, "_report", lambda record, select="final": None)
+    argv = ["run", "--experiment", "table1", "--row", "natural", "--scale", "cpu"]
+    assert cli.main(argv) == 0 and trained == [0]
+    assert cli.main([*argv, "--seeds", "2"]) == 0 and trained == [0, 0, 1]

@@ -1,8 +1,8 @@
 """Paired differences over seeds: is AFT better than PGD AT, and by how much?
 
-Seed k of one row and seed k of another share their data order, initial weights and
-validation split only through the seed, so their difference is a paired sample; the mean of the
-differences over seeds gets a 95% Student-t interval (scipy), mean ± t(0.975, n−1)·sd/√n.
+Every row's seed k draws its data order and initial weights from seed k, and every row
+validates and tests on the same images, so two rows' numbers at one seed form a pair; the mean
+of the per-seed differences gets a 95% Student-t interval (scipy), mean ± t(0.975, n−1)·sd/√n.
 A table with no pair, or a pair with fewer than two common seeds, writes nothing.
 Rows are shown as their tables show them: a view row (PGD AT early stop) at its best epoch.
 Written beside the table as results/tables/<scale>/<table>_paired.{md,csv}.
