@@ -4,6 +4,7 @@
 #   ./reproduce.sh table1|table2|table3 [--scale smoke|cpu|paper] [more flags for `paper_repro sweep`]
 #   ./reproduce.sh fig1|fig3|fig4|fig5 [--scale S]  run what a figure needs, then draw it
 #   ./reproduce.sh all [--scale S]            every table and figure (train what is missing)
+#     (training targets: --jobs K runs at once, default one per GPU, else one per CPU core)
 #   ./reproduce.sh table1 --slurm [--partition P --time HH:MM:SS ...]   submit SLURM job arrays
 #   ./reproduce.sh status [table1] [--scale S]  each run: done, running, queued, failed (log), not submitted
 #   ./reproduce.sh aggregate [--scale S]      rebuild tables and figures from results/ alone
@@ -49,7 +50,7 @@ aggregate_flags() {  # the --scale S and --results-dir D among a target's flags,
 }
 
 usage() {
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 target="${1:-}"
@@ -65,11 +66,9 @@ case "$target" in
     ensure_env; ensure_data
     "$PY" -m paper_repro sweep table1 "$@"
     exec "$PY" -m paper_repro aggregate $(aggregate_flags "$@") ;;
-  all)
+  all)  # one sweep, so the local pool keeps every slot busy across the experiments
     ensure_env; ensure_data
-    for experiment in table1 table2 table3 fig1 fig4; do
-      "$PY" -m paper_repro sweep "$experiment" "$@"
-    done
+    "$PY" -m paper_repro sweep table1 table2 table3 fig1 fig4 "$@"
     exec "$PY" -m paper_repro aggregate $(aggregate_flags "$@") ;;
   aggregate)
     ensure_env

@@ -13,6 +13,7 @@ handler is a few lines that call into the package, which is why this file is ove
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any, Sequence
 
@@ -96,14 +97,89 @@ def cmd_run(args: argparse.Namespace) -> int:
         configs = _experiment_configs(args, args.experiment, args.scale or _default_scale())
     else:
         method = args.method or "natural"
-        configs = [build_config(("method recipe", _recipe(method)),
-                                ("command line", _overrides(args)), experiment="adhoc",
-                                row=args.name or method, scale=args.scale or "cpu", seed=seed,
-                                method=method) for seed in _seeds(args)]
+        scale = args.scale or "cpu"
+        # --scale smoke|cpu asks for that scale's stand-in; without it, with a --dataset of
+        # one's own, and for finetune (the user's model): the method's recipe and the flags
+        own = not getattr(args, "standin", True) or args.dataset is not None
+        standin = args.scale if args.scale and not own else "paper"
+        configs = [_adhoc_config(method, standin, args.name or method, seed, _overrides(args),
+                                 scale=scale)
+                   for seed in _seeds(args)]
     _check_select(configs, select)
-    for cfg in configs:
-        _report(train(cfg, resume=args.resume), select)
+    _train(configs, args, select).raise_if_failed()
     return 0
+
+
+def _adhoc_config(method: str, standin: str, name: str, seed: int, overrides: dict[str, Any],
+                  scale: str):
+    """An ad-hoc run: at smoke and cpu (`standin`) the stand-in of the first experiment row
+    that trains `method` (table1 first: its dataset, network, images, ε and scaled epochs),
+    else ("paper") the method's own recipe. The command line's flags win; an --arch of its own
+    drops the stand-in network's options. `scale` labels the run."""
+    from .config import (build_config, list_experiments, load_experiment, resolve_row,
+                         unsupported_reason)
+
+    recipe = _recipe(method)  # an unknown method is one line before anything else
+    if standin != "paper":
+        names = ["table1"] + [n for n in list_experiments() if n != "table1"]
+        for exp in map(load_experiment, names):
+            row = next((r["id"] for r in exp.rows if r.get("method") == method
+                        and "view_of" not in r and not r.get("extra_data")
+                        and not unsupported_reason(exp, r["id"], scale)), None)
+            if row is not None:
+                cfg = resolve_row(exp, row, scale, seed=seed, overrides=overrides,
+                                  method_recipe=recipe)
+                if "arch" in overrides and "model_args" not in overrides:
+                    cfg = dataclasses.replace(cfg, model_args={})
+                return dataclasses.replace(cfg, experiment="adhoc", row=name)
+        raise ReproError(f"no {scale}-scale stand-in for method '{method}' (no experiment row "
+                         "trains it): give its setup with flags (--dataset, --arch, --epochs...) "
+                         "and --scale paper")
+    return build_config(("method recipe", recipe), ("command line", overrides),
+                        experiment="adhoc", row=name, scale=scale, seed=seed, method=method)
+
+
+def _run_directory(cfg: Any) -> Any:
+    from .results import run_dir
+
+    return run_dir(cfg.results_dir, cfg.run_path)
+
+
+def _check_resumable(configs: list) -> None:
+    """--resume: something of each run (its folder, or a prerequisite's) must have started."""
+    from .pipeline import plan
+    from .runner import was_started
+
+    for cfg in configs:
+        if not any(was_started(run.directory) for run in plan([cfg]).values()):
+            raise ReproError(f"--resume: nothing to resume in {_run_directory(cfg)} (the run "
+                             "was never started); leave out --resume to start it")
+
+
+def _print_local_plan(configs: list, slots: Any) -> None:
+    """Before a local sweep: how many runs, and where a cost is known, how long (plan)."""
+    from .plan import local_estimate
+
+    line = local_estimate(configs, slots)
+    if line:
+        print(line)
+
+
+def _train(configs: list, args: argparse.Namespace, select: str) -> Any:
+    """Train `configs` (and what they need) in the local pool, then one line per config;
+    returns the pool's outcome (failed and blocked runs are the caller's to raise)."""
+    from . import pool
+
+    if args.resume:
+        _check_resumable(configs)
+    slots = pool.Slots.resolve(args.jobs, args.gpus, args.gpus_per_run)
+    _print_local_plan(configs, slots)
+    outcome = pool.train_all(configs, slots)
+    for cfg in configs:
+        record = outcome.records.get(_run_directory(cfg))
+        if record:
+            _report(record, select)
+    return outcome
 
 
 def _check_select(configs: list, select: str) -> None:
@@ -124,6 +200,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     args.arch = args.arch or implied_arch(args.init)  # torchvision:/timm: bring their network
     args.method = "aft"
     args.experiment = None
+    args.standin = False
     return cmd_run(args)
 
 
@@ -151,17 +228,19 @@ def _experiment_configs(args: argparse.Namespace, name: str, scale: str) -> list
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """Run every row (x seeds) of an experiment, then render its table; with --slurm, submit
-    them as job arrays instead and return."""
+    """Run every row (x seeds) of one or more experiments in the local pool, then render their
+    tables and figures; with --slurm, submit them as job arrays instead and return."""
     from slurm.launcher import options_from_args
 
+    if args.rows and len(args.experiments) > 1:
+        raise ReproError("--rows applies to one experiment; name one, or leave out --rows")
     slurm_options = options_from_args(args)  # None without --slurm
     if slurm_options is not None:
         from slurm.launcher import submit_sweep
 
         if not args.scale:
             print("--slurm without --scale: using the paper scale")
-        configs = _experiment_configs(args, args.experiment, args.scale or "paper")
+        configs = _sweep_configs(args, args.scale or "paper")
         gpu = args.plan_gpu or ("h100" if (args.scale or "paper") == "paper" else "none")
         if gpu != "none":  # what it will cost, before it is submitted
             from .plan import plan_costs, render
@@ -170,26 +249,32 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         job_ids = submit_sweep(configs, slurm_options)
         print(f"submitted {len(job_ids)} jobs: {' '.join(job_ids)}" if job_ids else
               "nothing to submit: every run is done, queued or running")
-        print(f"follow them with: python -m paper_repro status {args.experiment} "
+        print(f"follow them with: python -m paper_repro status {' '.join(args.experiments)} "
               f"--scale {args.scale or 'paper'}")
         return 0
-    from .local import train
-
     args.scale = args.scale or _default_scale()
-    configs = _experiment_configs(args, args.experiment, args.scale)  # all validated first
+    configs = _sweep_configs(args, args.scale)  # all validated first
     _check_select(configs, args.select)
-    for cfg in configs:
-        _report(train(cfg, resume=args.resume), args.select)
+    outcome = _train(configs, args, args.select)
+    _render_sweep(args)  # what is done is rendered, even when some runs failed
+    outcome.raise_if_failed()
+    return 0
+
+
+def _sweep_configs(args: argparse.Namespace, scale: str) -> list:
+    return [cfg for name in args.experiments for cfg in _experiment_configs(args, name, scale)]
+
+
+def _render_sweep(args: argparse.Namespace) -> None:
     from .config import load_experiment
+    from .report.figures import write_figures
 
-    if load_experiment(args.experiment).kind == "figure":
-        from .report.figures import write_figures
-
+    tables = [n for n in args.experiments if load_experiment(n).kind != "figure"]
+    if len(tables) < len(args.experiments):
         for path in write_figures(args.scale, results_dir=args.results_dir or "results"):
             print(f"wrote {path}")
-        return 0
-    args.experiments = [args.experiment]
-    return cmd_table(args)
+    if tables:
+        cmd_table(argparse.Namespace(**{**vars(args), "experiments": tables}))
 
 
 def _warn_unreadable(results_dir: str, scale: str,
@@ -209,7 +294,9 @@ def _warn_unreadable(results_dir: str, scale: str,
 
 def cmd_table(args: argparse.Namespace) -> int:
     from .report.tables import write_table
+    from .results import require_store
 
+    require_store(args.results_dir or "results")
     scale = args.scale or _default_scale()
     _warn_unreadable(args.results_dir or "results", scale, args.experiments)
     for name in args.experiments:
@@ -237,6 +324,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     and scheduler."""
     from slurm.launcher import format_status
 
+    from .results import require_store
+
+    require_store(args.results_dir or "results")
     scale = args.scale or _default_scale()
     for name in args.experiments:
         print(f"{name} ({scale} scale)")
@@ -276,9 +366,10 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     nothing at all could be rendered."""
     from .report.figures import write_figures
     from .report.tables import tables_with_results, write_table
-    from .results import runs_root
+    from .results import require_store, runs_root
 
     results_dir = args.results_dir or "results"
+    require_store(results_dir)
     scales = [args.scale] if args.scale else ["smoke", "cpu", "paper"]
     written = unreadable = 0
     for scale in scales:
@@ -307,7 +398,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     import json
 
     from .export import INFO, export_model
+    from .results import require_store
 
+    from pathlib import Path
+
+    if not Path(args.run).exists():  # a run path in the store, not a folder of its own
+        require_store(args.results_dir or "results")
     out = export_model(args.run, args.out, select=args.select,
                        results_dir=args.results_dir or "results")
     info = json.loads((out / INFO).read_text())
@@ -347,6 +443,17 @@ def _add_select(p: argparse.ArgumentParser) -> None:
                         "(highest validation PGD; runs with val_n > 0); not part of the config")
 
 
+def _add_pool(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("local pool (paper_repro/pool.py)")
+    g.add_argument("--jobs", type=int, default=None, metavar="K",
+                   help="train K runs at once, each after the runs it needs (default: one per "
+                        "GPU, else one per CPU core, each with one thread; $REPRO_JOBS)")
+    g.add_argument("--gpus", default=None, metavar="all|0,1,3",
+                   help="the GPUs the pool hands out, one run per GPU (or --gpus-per-run)")
+    g.add_argument("--gpus-per-run", type=int, default=1, metavar="N",
+                   help="GPUs each run takes (data parallel over N processes)")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2) like every other error."""
 
@@ -373,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require a checkpoint to continue from (runs resume anyway)")
         if name != "status":
             _add_select(p)
+        if name in ("run", "finetune", "sweep"):
+            _add_pool(p)
         _add_overrides(p)
         return p
 
@@ -388,8 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="finetune", help="row name in the store")
     p.set_defaults(func=cmd_finetune)
 
-    p = runlike("sweep", "run all rows of an experiment, then render its table")
-    p.add_argument("experiment", help="experiment name, e.g. table1")
+    p = runlike("sweep", "run all rows of experiments in the local pool (or on SLURM), "
+                         "then render their tables and figures")
+    p.add_argument("experiments", nargs="+", metavar="experiment",
+                   help="experiment names, e.g. table1 (several share one pool)")
     p.add_argument("--rows", help="comma-separated subset of rows")
     p.add_argument("--controlled", metavar="ARCH",
                    help="run every row on this architecture (stored as <exp>-controlled-ARCH)")

@@ -223,3 +223,62 @@ def render(costs: Sequence[RunCost], gpu: str, gpus_per_job: int = 1) -> str:
             f"{len(costs)} runs, {total[0] / pf:.4g} PFLOP, {total[1]:.4g} GPU-hours on "
             f"{gpu} at {GPU_PEAK_TFLOPS[gpu]:g} TFLOP/s × MFU, AutoAttack as an upper bound "
             f"({without_aa:.4g} GPU-hours without AutoAttack).")
+
+
+# --- before a local sweep ---------------------------------------------------------------------
+
+
+def this_gpu() -> str | None:
+    """The plan's name of this machine's GPU (h100, a100...), or None (none, or not known)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((key for key, pattern in GPU_NAME_PATTERN.items() if re.search(pattern, name)),
+                None)
+
+
+def local_estimate(configs: Sequence[RunConfig], slots, *,
+                   committed: Path = Path("results")) -> str:
+    """One line before a local sweep: the runs it will train and, where their cost is known,
+    the expected wall time with the pool's slots (`slots`: pool.Slots). At paper scale on a
+    known GPU the cost is the plan's (GPU-hours at the datasheet peak × MFU); otherwise it is
+    the time the same runs took in the committed store, where it has them (one thread each)."""
+    graph = run_graph(configs)
+    todo = {d: r for d, r in graph.items() if not results.is_done(d)}
+    if not todo:
+        return ""
+    gpu = this_gpu()
+    seconds: dict[Path, float] = {}
+    if gpu and any(r.cfg.scale == "paper" for r in todo.values()):
+        by_path = {c.run_path: c for c in plan_costs(configs, gpu)}
+        seconds = {d: by_path[r.run_path].gpu_hours * 3600 / slots.gpus_per_run
+                   for d, r in todo.items() if r.run_path in by_path}
+        source = f"plan on {gpu}: {sum(c.gpu_hours for c in by_path.values()):.3g} GPU-hours"
+    else:
+        for d, r in todo.items():
+            record = results.read_record(results.run_dir(committed, r.run_path)) or {}
+            parts = [record.get(k) for k in ("train_time_s", "eval_time_s", "aa_time_s")]
+            if record.get("status") == results.STATUS_DONE and parts[0] is not None:
+                seconds[d] = sum(p or 0.0 for p in parts)
+        source = f"from the times of the same runs in {committed}/"
+    line = (f"plan: {len(todo)} run(s) to train ({len(graph) - len(todo)} done), "
+            f"{slots.describe()}")
+    if not seconds:
+        return line
+    wall = _list_schedule(todo, seconds, slots.jobs)
+    unknown = len(todo) - len(seconds)
+    return (f"{line}; expected wall time ~{wall / 60:.0f} min ({source}"
+            + (f"; {unknown} run(s) without an estimate" if unknown else "") + ")")
+
+
+def _list_schedule(todo: dict, seconds: dict[Path, float], slots: int) -> float:
+    """The wall time of the pool's order: runs start in graph order as soon as a slot is
+    free and everything they need has finished (unknown runs count as zero)."""
+    finish: dict[Path, float] = {}
+    free = [0.0] * slots
+    for directory, run in todo.items():  # graph order: a run after everything it needs
+        free.sort()
+        start = max([free[0]] + [finish[n] for n in run.needs if n in finish])
+        finish[directory] = start + seconds.get(directory, 0.0)
+        free[0] = finish[directory]
+    return max(finish.values(), default=0.0)

@@ -24,6 +24,8 @@ def hardware() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["gpu_count"] = torch.cuda.device_count()
+    if "CUDA_VISIBLE_DEVICES" in os.environ:  # the GPUs a pool or scheduler gave this run
+        info["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     return info
 
 

@@ -45,6 +45,7 @@ STATUS_FAILED = "failed"
 STATUS_UNREADABLE = "unreadable"  # only in `load()`'s frame: never written to a record
 TEMP_SUFFIX = ".tmp"
 RECORD_SCHEMA = 1  # record.json's format; a record without `schema` is 1 (legacy, same format)
+LEDGER = "slurm.json"  # per run: the job that trains it (SLURM or the local pool), for `status`
 
 
 class UnreadableRunError(ReproError):
@@ -72,6 +73,16 @@ def run_path_of(directory: Path) -> str:
 
 def runs_root(results_dir: str | Path) -> Path:
     return Path(results_dir) / "runs"
+
+
+def require_store(results_dir: str | Path) -> Path:
+    """A store that a command only reads must exist: a typo in --results-dir is one line, never
+    a new empty store and an all-"not run" table."""
+    path = Path(results_dir)
+    if not path.is_dir():
+        raise ReproError(f"no results store at {path}: check --results-dir (this command only "
+                         "reads a store; `sweep` or `run` create one)")
+    return path
 
 
 def run_dir(results_dir: str | Path, run_path: str) -> Path:

@@ -56,7 +56,7 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
     """
     run_path = run_path or cfg.run_path
     directory = results.run_dir(cfg.results_dir, run_path)
-    _check_existing(directory, cfg)
+    check_existing(directory, cfg)
     world = init_from_environment(resolve_device(cfg.device))
     parallel = DataParallel(world, world.device(resolve_device(cfg.device)))
     record = results.read_record(directory)
@@ -70,7 +70,10 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
     base_record = {"run_path": run_path, "config_hash": cfg.config_hash(),
                    "cell_hash": cfg.cell_hash(), "method": cfg.method,
                    "hardware": {**hardware(), "processes": world.world_size},
-                   "code": code_version(), **fastpath.describe(cfg, parallel.device)}
+                   "code": code_version(), **fastpath.describe(cfg, parallel.device),
+                   # this process's start (a resumed run: the resume); the pool's tests read it
+                   "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   "started_at_unix": time.time()}
     recorder_cls = Recorder if world.is_main else SilentRecorder
     recorder = recorder_cls(cfg, directory, run_path, base_record,
                             quiet=quiet or not world.is_main)
@@ -105,7 +108,8 @@ def _is_done(record: dict[str, Any] | None) -> bool:
     return bool(record and record.get("status") == results.STATUS_DONE)
 
 
-def _check_existing(directory: Path, cfg: RunConfig) -> None:
+def check_existing(directory: Path, cfg: RunConfig) -> None:
+    """Refuse, before anything is written, a run folder that holds another config's run."""
     old = results.read_json(directory / "config.json")
     if old and old.get("config_hash") != cfg.config_hash():
         raise ReproError(f"{directory} holds a run with another config (hash "
@@ -285,4 +289,5 @@ def _final_record(cfg: RunConfig, run: _Run, state: TrainingState, base_record: 
         "eps": cfg.eps, "train_eps": cfg.train_eps if cfg.train_eps is not None else cfg.eps,
         "eval_alpha": cfg.eval_alpha_value,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "finished_at_unix": time.time(),
     }

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from paper_repro.config import RunConfig
     from paper_repro.pipeline import PlannedRun
 
-LEDGER = "slurm.json"
+LEDGER = results.LEDGER
 START_HINT = 'eval "$(sudo slurm/cluster/start.sh)"'
 
 # scheduler state -> what status() calls it (anything else that is not listed is final)
@@ -216,9 +216,22 @@ def _scheduler_view(ledgers: dict[Path, dict[str, Any]]) -> dict[Path, tuple[str
             out[directory] = state or ("UNKNOWN", "")
         elif led.get("cluster") == "local" and job_id.isdigit() and Path(f"/proc/{job_id}").exists():
             out[directory] = ("RUNNING", "")
+        elif led.get("cluster") == "local" and not job_id:  # the local pool's own entries
+            out[directory] = _pool_state(led)
         else:
             out[directory] = ("UNKNOWN", "")
     return out
+
+
+def _pool_state(led: dict[str, Any]) -> tuple[str, str]:
+    """A run the local pool (paper_repro/pool.py) holds but has not started: queued while that
+    pool's process lives, blocked when a run it needs failed; STALE once the pool is gone."""
+    if led.get("state") == "blocked":
+        return ("BLOCKED", f"needs {led.get('blocked_by')}, which failed")
+    pid = str(led.get("pool_pid", ""))
+    if led.get("state") == "queued" and pid.isdigit() and Path(f"/proc/{pid}").exists():
+        return ("PENDING", f"waiting in the local pool (pid {pid})")
+    return ("STALE", "")
 
 
 def _is_active(state: str) -> bool:
@@ -360,8 +373,8 @@ def _last_error(log: str | None) -> str:
 
 def status(configs: Sequence[RunConfig]) -> list[dict[str, Any]]:
     """Where each run of `configs` (and each run they need first) stands, from the store and
-    the scheduler: one dict per run with run, state (done, running, queued, failed or not
-    submitted), job_id, log (the job's stderr) and detail (metrics, wait reason, or the last
+    the scheduler or the local pool: one dict per run with run, state (done, running, queued,
+    failed, blocked, interrupted or not submitted), job_id, log (the job's stderr) and detail (metrics, wait reason, or the last
     error line of the log)."""
     runs = _plan(configs)
     ledgers = {d: led for d in runs if (led := _read_ledger(d))}
@@ -373,6 +386,8 @@ def status(configs: Sequence[RunConfig]) -> list[dict[str, Any]]:
         row = {"run": run.run_path, "state": "not submitted", "job_id": led.get("job_id", ""),
                "log": led.get("stderr", ""), "detail": ""}
         state, reason = view.get(directory, ("", ""))
+        if state == "STALE":  # a pool that ended or was killed before starting the run
+            led, row["job_id"], row["log"] = {}, "", ""
         if record.get("status") == results.STATUS_DONE:
             row["state"] = "done"
             row["detail"] = (f"clean {record.get('clean_acc', math.nan):.2f}% "
@@ -380,6 +395,9 @@ def status(configs: Sequence[RunConfig]) -> list[dict[str, Any]]:
         elif led and state in _QUEUED:
             row["state"] = "queued"
             row["detail"] = reason or state
+        elif led and state == "BLOCKED":
+            row["state"] = "blocked"
+            row["detail"] = reason
         elif led and state in _RUNNING:
             row["state"] = "running"
             row["detail"] = f"epoch {record.get('epochs_done', 0)}/{run.cfg.epochs} done"

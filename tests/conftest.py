@@ -4,6 +4,8 @@ Tests never write into the repository's results/: every run goes to a tmp_path s
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,3 +60,8 @@ def tiny_config(tmp_path, *, method="natural", experiment="test", **overrides):
     from paper_repro.methods import get_method
     return build_config(("recipe", get_method(method).recipe), ("test", values),
                         experiment=experiment, row=method, scale="smoke", seed=0, method=method)
+
+
+# The local pool's default K where a test does not pass --jobs: one (runs in the test's own
+# process, where its monkeypatches apply); the pool's tests pass --jobs themselves.
+os.environ.setdefault("REPRO_JOBS", "1")

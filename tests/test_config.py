@@ -85,7 +85,7 @@ def test_method_settings_are_validated():
     with pytest.raises(ConfigError, match="steps must be >= 1"):
         get_method("pgd_at")(build_config(("t", {"method_args": {"steps": 0}}), method="pgd_at"))
     with pytest.raises(ConfigError, match="unknown method"):
-        get_method("trades")
+        get_method("no_such_method")
 
 
 def test_parse_override():
@@ -165,9 +165,10 @@ def test_an_experiment_file_sets_how_many_seeds_a_sweep_runs(tmp_path):
 
 def test_run_of_one_row_trains_one_seed_unless_asked(monkeypatch):
     """An experiment's `seeds` is for its sweeps: `run --experiment table1 --row R` is one run."""
-    from paper_repro import cli, local
+    from paper_repro import cli, pool
     trained = []
-    monkeypatch.setattr(local, "train", lambda cfg, resume=False: trained.append(cfg.seed) or {})
+    monkeypatch.setattr(pool, "train_all", lambda configs, slots, **kw:
+                        trained.extend(cfg.seed for cfg in configs) or pool.Outcome())
     monkeypatch.setattr(cli, "_report", lambda record, select="final": None)
     argv = ["run", "--experiment", "table1", "--row", "natural", "--scale", "cpu"]
     assert cli.main(argv) == 0 and trained == [0]
