@@ -206,9 +206,14 @@ def verify_frame(experiment: str, scale: str, fresh_dir: str | Path,
     frame = pd.DataFrame(lines)
     compared = frame[(frame["k"] >= 1) & frame["ref_mean"].notna()] if not frame.empty else frame
     if compared.empty:
+        if on_paper:
+            reference = f"the paper's numbers ({exp.paper_csv or 'no CSV in results/paper/'})"
+        elif committed.empty or not (committed["experiment"] == exp.name).any():
+            reference = f"{against} (it holds no {scale}-scale runs of {exp.name})"
+        else:
+            reference = str(against)
         raise ReproError(f"verify: nothing to compare for {exp.name} at scale {scale}: no row "
-                         f"has runs in both {fresh_dir} and "
-                         f"{'the paper' if on_paper else against}")
+                         f"of {fresh_dir} has a counterpart in {reference}")
     frame.attrs["not_rerun"] = [r for r in exp.row_ids if r not in seeds]
     sides = {"re-run": [new for _, new in seeds.values()]}
     if not on_paper:
