@@ -173,7 +173,7 @@ def test_verify_writes_the_report_and_shows_both_machines(stores, capsys):
     assert code == 0  # a report: exit 0 although a cell differs
     md = (fresh / "verify" / "cpu" / "table1.md").read_text()
     assert md in capsys.readouterr().out
-    assert "committed AMD EPYC (1 thread) × 3 runs; re-run Intel Xeon (1 thread) × 1 runs" in md
+    assert "committed AMD EPYC (1 thread) × 3 runs; re-run Intel Xeon (1 thread) × 1 run" in md
     csv = pd.read_csv(fresh / "verify" / "cpu" / "table1.csv")
     assert set(csv["verdict"]) == {"reproduced", "differs"}
     assert "Not re-run (not compared): natural" in md

@@ -133,7 +133,8 @@ def _machines(frames: list[pd.DataFrame]) -> str:
         name = str(hardware.get("cpu") or "unknown CPU") + (
             f" ({threads} thread{'s' if threads != 1 else ''})" if threads else "")
         seen[name] = seen.get(name, 0) + 1
-    return ", ".join(f"{name} × {count} runs" for name, count in seen.items()) or "-"
+    return ", ".join(f"{name} × {count} run{'s' if count != 1 else ''}"
+                     for name, count in seen.items()) or "-"
 
 
 def _seeds_frame(runs: pd.DataFrame, experiment: str, row_id: str) -> pd.DataFrame:
@@ -347,6 +348,10 @@ def render(frame: pd.DataFrame, experiment: str, scale: str, fresh_dir: str | Pa
                  shown(pairs, True).to_markdown(index=False, disable_numparse=True), ""]
     not_rerun = frame.attrs.get("not_rerun", [])
     machines = frame.attrs.get("machines", {})
+    if not on_paper and (cells["config"] == "differs").any():
+        text += ["Config differs: the re-run's config hash is not the committed runs' (other "
+                 "flags, or code that changed the recipe), so its numbers may differ for that "
+                 "reason alone.", ""]
     text += [_rule(on_paper), "",
              "Machines: " + "; ".join(f"{side} {cpus}" for side, cpus in machines.items()) + ".",
              *([f"Not re-run (not compared): {', '.join(not_rerun)}."] if not_rerun else []), ""]
