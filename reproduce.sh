@@ -5,6 +5,7 @@
 #   ./reproduce.sh fig1|fig3|fig4|fig5 [--scale S]  run what a figure needs, then draw it
 #   ./reproduce.sh all [--scale S]            every table and figure (train what is missing)
 #     (training targets: --jobs K runs at once, default one per GPU, else one per CPU core)
+#   ./reproduce.sh table1 --fresh [--seeds 1 --rows R,..]  re-run into results-fresh/ (--results-dir D), then verify against results/ (paper scale: the paper)
 #   ./reproduce.sh table1 --slurm [--partition P --time HH:MM:SS ...]   submit SLURM job arrays
 #   ./reproduce.sh status [table1] [--scale S]  each run: done, running, queued, failed (log), not submitted
 #   ./reproduce.sh aggregate [--scale S]      rebuild tables and figures from results/ alone
@@ -49,27 +50,82 @@ aggregate_flags() {  # the --scale S and --results-dir D among a target's flags,
   done
 }
 
+FRESH=""             # with --fresh: the re-run store (never the committed results/)
+AGAINST="results"    # what a fresh re-run is compared with
+VERIFY_FLAGS=()      # the --scale of the re-run, for verify
+
+parse_fresh() {  # sets FRESH, AGAINST, VERIFY_FLAGS and ARGS (the flags for sweep)
+  local fresh_dir="results-fresh" committed target_dir
+  ARGS=()
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --fresh) ;;
+      --results-dir) fresh_dir="${2:-}"; shift ;;
+      --results-dir=*) fresh_dir="${1#*=}" ;;
+      --against) AGAINST="${2:-}"; shift ;;
+      --against=*) AGAINST="${1#*=}" ;;
+      --slurm|--slurm=*)
+        echo "reproduce.sh: --fresh trains here and then compares; with --slurm, submit with --results-dir D and run 'python -m paper_repro verify TABLE --results-dir D' when the jobs are done" >&2
+        exit 2 ;;
+      --scale) VERIFY_FLAGS+=(--scale "${2:-}"); ARGS+=("$1" "${2:-}"); shift ;;
+      --scale=*) VERIFY_FLAGS+=("$1"); ARGS+=("$1") ;;
+      *) ARGS+=("$1") ;;
+    esac
+    shift
+  done
+  committed="$(realpath -m results)"
+  target_dir="$(realpath -m "${fresh_dir:-results}")"
+  if [ -z "$fresh_dir" ] || [ "$target_dir" = "$committed" ] || [ "${target_dir#"$committed"/}" != "$target_dir" ]; then
+    echo "reproduce.sh: --fresh never writes into the committed store results/ (got --results-dir '${fresh_dir}'); choose another folder (default results-fresh)" >&2
+    exit 2
+  fi
+  FRESH="$fresh_dir"
+}
+
+verify_fresh() {  # after a --fresh sweep: compare each experiment; exit 0 if any compared
+  [ -n "$FRESH" ] || exit 0
+  local status=2 experiment
+  for experiment in "$@"; do
+    if "$PY" -m paper_repro verify "$experiment" --results-dir "$FRESH" --against "$AGAINST" \
+        ${VERIFY_FLAGS[@]+"${VERIFY_FLAGS[@]}"}; then
+      status=0
+    fi
+  done
+  exit "$status"
+}
+
 usage() {
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 target="${1:-}"
 [ $# -gt 0 ] && shift
 case "$target" in
-  table1|table2|table3)
+  table1|table2|table3|fig1|fig3|fig4|fig5|all)
+    for arg in "$@"; do
+      if [ "$arg" = --fresh ]; then
+        parse_fresh "$@"
+        set -- ${ARGS[@]+"${ARGS[@]}"} --results-dir "$FRESH"
+        echo "--fresh: re-running into $FRESH (rerun the same command to resume), then comparing with $AGAINST" >&2
+        break
+      fi
+    done ;;
+esac
+case "$target" in
+  table1|table2|table3|fig1|fig4)
     ensure_env; ensure_data
-    exec "$PY" -m paper_repro sweep "$target" "$@" ;;
-  fig1|fig4)
-    ensure_env; ensure_data
-    exec "$PY" -m paper_repro sweep "$target" "$@" ;;
+    "$PY" -m paper_repro sweep "$target" "$@"
+    verify_fresh "$target" ;;
   fig3|fig5)  # drawn from Table 1's natural, PGD AT and AFT runs
     ensure_env; ensure_data
     "$PY" -m paper_repro sweep table1 "$@"
-    exec "$PY" -m paper_repro aggregate $(aggregate_flags "$@") ;;
+    "$PY" -m paper_repro aggregate $(aggregate_flags "$@")
+    verify_fresh table1 ;;
   all)  # one sweep, so the local pool keeps every slot busy across the experiments
     ensure_env; ensure_data
     "$PY" -m paper_repro sweep table1 table2 table3 fig1 fig4 "$@"
-    exec "$PY" -m paper_repro aggregate $(aggregate_flags "$@") ;;
+    "$PY" -m paper_repro aggregate $(aggregate_flags "$@")
+    verify_fresh table1 table2 table3 fig1 fig4 ;;
   aggregate)
     ensure_env
     exec "$PY" -m paper_repro aggregate "$@" ;;

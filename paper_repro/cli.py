@@ -1,5 +1,5 @@
-"""`python -m paper_repro`: run, finetune, sweep, table, aggregate, status, export, bench,
-gpucheck.
+"""`python -m paper_repro`: run, finetune, sweep, table, aggregate, verify, status, export,
+bench, gpucheck.
 
 Every user error (bad flag value, missing data, unsafe checkpoint...) ends as one line on
 stderr and exit status 2; nothing already in the results store is overwritten. A run of the
@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ReproError
+
+FRESH_DIR = "results-fresh"  # where `./reproduce.sh TABLE --fresh` re-runs (git-ignored)
 
 # flag -> config key; each flag's value goes through the same validation as TOML values
 _OVERRIDE_FLAGS: list[tuple[str, str, Any, str]] = [
@@ -393,6 +396,22 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """A re-run store against the committed one (at paper scale: the paper), cell by cell
+    (report/verify.py). A report: exit 0 whatever the verdicts; 2 only when nothing compares."""
+    from .report.verify import write_verify
+
+    scale = args.scale or _default_scale()
+    fresh = args.results_dir or FRESH_DIR
+    if Path(fresh).is_dir():  # a missing store is verify's one-line error, nothing created
+        _warn_unreadable(fresh, scale, args.experiments)
+    for name in args.experiments:
+        paths = write_verify(name, scale, fresh, against=args.against)
+        print(paths["md"].read_text())
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """A run's model as model.safetensors + model_info.json + README.md (a model card)."""
     import json
@@ -551,6 +570,18 @@ def _add_store_commands(sub: Any) -> None:
                    help="exit non-zero when a run's record or config cannot be read (default: "
                         "warn, show its cell as unreadable and render the rest)")
     p.set_defaults(func=cmd_aggregate)
+
+    p = sub.add_parser("verify", help="did it reproduce? a re-run store (./reproduce.sh TABLE "
+                       "--fresh) against the committed results, or the paper at paper scale")
+    p.add_argument("experiments", nargs="+", help="e.g. table1")
+    p.add_argument("--scale", choices=["smoke", "cpu", "paper"], default=None,
+                   help="default: paper with a GPU, else cpu")
+    p.add_argument("--results-dir", default=None,
+                   help=f"the re-run store (default {FRESH_DIR}); the report is written there")
+    p.add_argument("--against", default="results",
+                   help="the committed store to compare with (default results; unused at paper "
+                        "scale, where the reference is results/paper/*.csv)")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("export", help="write a run's model as model.safetensors, "
                                       "model_info.json and a README.md model card")

@@ -28,8 +28,10 @@ METRICS = (("clean_acc", "clean"), ("pgd_acc", "PGD-20"), ("aa_acc", "AA"))
 CONFIDENCE = 0.95
 
 
-def _per_seed(runs: pd.DataFrame, experiment: str, row_id: str) -> pd.DataFrame:
-    """One line per seed of a row's done runs, its metrics at the row's select, and its cost."""
+def per_seed(runs: pd.DataFrame, experiment: str, row_id: str) -> pd.DataFrame:
+    """One line per seed of a row's done runs, its metrics at the row's select, its cost, and
+    the image counts and run folder (verify.py floors intervals at the counts' binomial error
+    and reads each run's machine from its folder)."""
     exp = load_experiment(experiment)
     source, select = exp.source_row(row_id), exp.row_select(row_id) or "final"
     done = runs[(runs["experiment"] == experiment) & (runs["row"] == source)
@@ -39,7 +41,11 @@ def _per_seed(runs: pd.DataFrame, experiment: str, row_id: str) -> pd.DataFrame:
     for key, _ in METRICS:
         column = f"{prefix}{key}"
         out[key] = pd.to_numeric(done[column], errors="coerce") if column in done else math.nan
-    out["train_flops"] = pd.to_numeric(done["train_flops"], errors="coerce")
+    for column in ("eval_n", "aa_n"):
+        out[column] = pd.to_numeric(done[column], errors="coerce") if column in done else math.nan
+    out["run_dir"] = done["run_dir"]
+    out["train_flops"] = (pd.to_numeric(done["train_flops"], errors="coerce")
+                          if "train_flops" in done else math.nan)
     out["pretrain_flops"] = (pd.to_numeric(done["pretrain_flops"], errors="coerce")
                              if "pretrain_flops" in done else math.nan)
     return out.set_index("seed")
@@ -61,7 +67,7 @@ def paired_frame(experiment: str, scale: str, results_dir: str | Path = "results
         return pd.DataFrame(lines)
     exp = load_experiment(experiment)
     for row_id, base_id in PAIRS.get(experiment, ()):
-        row, base = _per_seed(runs, experiment, row_id), _per_seed(runs, experiment, base_id)
+        row, base = per_seed(runs, experiment, row_id), per_seed(runs, experiment, base_id)
         seeds = sorted(set(row.index) & set(base.index))
         if len(seeds) < 2:
             continue
