@@ -115,6 +115,10 @@ class RunConfig:
         d = {k: v for k, v in self.to_dict().items()
              if k not in _EXECUTION_FIELDS and k not in EVALUATION_FIELDS and k not in exclude
              and not (k in HASH_STABLE_FIELDS and v == _DEFAULTS[k])}
+        stable = HASH_STABLE_METHOD_ARGS.get(self.method, {})
+        if "method_args" in d:
+            d["method_args"] = {k: v for k, v in d["method_args"].items()
+                                if not (k in stable and v == stable[k])}
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -127,6 +131,11 @@ _EXECUTION_FIELDS = frozenset({"device", "results_dir", "data_root"})
 # Every field added to RunConfig from now on goes here (see config_hash).
 HASH_STABLE_FIELDS: frozenset[str] = frozenset({"train_eps", "precision", "channels_last",
                                                "compile", "val_n"})
+# The same for a method's settings (method_args): settings added after its runs were stored,
+# with their defaults (tests/test_modern_methods.py checks them against the method's Settings).
+HASH_STABLE_METHOD_ARGS: dict[str, dict[str, Any]] = {
+    "aft": {"loss": "ce", "beta": 6.0, "awp": False, "gamma": None, "awp_warmup": 0},
+}
 # How a trained model is measured, not what is trained: never hashed, so asking a done run for
 # more evaluation (AutoAttack, checks) re-evaluates its checkpoint instead of orphaning it; the
 # record stores the protocol it was measured with. (Also listed as hash-stable, trivially.)

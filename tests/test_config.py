@@ -85,7 +85,7 @@ def test_method_settings_are_validated():
     with pytest.raises(ConfigError, match="steps must be >= 1"):
         get_method("pgd_at")(build_config(("t", {"method_args": {"steps": 0}}), method="pgd_at"))
     with pytest.raises(ConfigError, match="unknown method"):
-        get_method("trades")
+        get_method("no_such_method")
 
 
 def test_parse_override():
