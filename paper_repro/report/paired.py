@@ -23,6 +23,10 @@ from ..config import load_experiment
 PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
     "table1": (("aft", "pgd_at"), ("aft", "pgd_at_es"), ("aft_500k", "pgd_at"),
                ("aft_500k", "pgd_at_es")),
+    # does AFT's cheap fine-tune carry over to today's objectives, and is AFT competitive?
+    "modern": (("aft_trades", "trades"), ("aft_trades", "trades_es"), ("aft_trades", "aft"),
+               ("aft_mart", "mart"), ("aft_mart", "mart_es"), ("aft_awp", "at_awp"),
+               ("aft_awp", "at_awp_es"), ("aft", "trades"), ("aft", "trades_es")),
 }
 METRICS = (("clean_acc", "clean"), ("pgd_acc", "PGD-20"), ("aa_acc", "AA"))
 CONFIDENCE = 0.95
@@ -31,8 +35,8 @@ CONFIDENCE = 0.95
 def _per_seed(runs: pd.DataFrame, experiment: str, row_id: str) -> pd.DataFrame:
     """One line per seed of a row's done runs, its metrics at the row's select, and its cost."""
     exp = load_experiment(experiment)
-    source, select = exp.source_row(row_id), exp.row_select(row_id) or "final"
-    done = runs[(runs["experiment"] == experiment) & (runs["row"] == source)
+    (stored_in, source), select = exp.source(row_id), exp.row_select(row_id) or "final"
+    done = runs[(runs["experiment"] == stored_in) & (runs["row"] == source)
                 & (runs["status"] == results.STATUS_DONE)]
     prefix = "best_" if select == "best" else ""
     out = pd.DataFrame({"seed": done["seed"].astype(int)})
