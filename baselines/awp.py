@@ -32,12 +32,14 @@ Deviations:
   evaluation until the first `model.train()`).
 - With data parallelism each rank finds v on its own slice of the batch (the reference's
   DataParallel on the whole batch).
-- The proxy runs eagerly, also when the model is compiled.
+- The proxy is the model's own function evaluated at copies of its weights and buffers
+  (`torch.func.functional_call`), not a second network loaded from its state dict: the same
+  numbers, and BatchNorm statistics of the proxy pass are discarded as the reference's are. It
+  runs eagerly, also when the model is compiled.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -46,6 +48,7 @@ import torch.nn as nn
 
 from baselines.pgd_at import PGDObjective, PGDSettings
 from baselines.trades import TRADESObjective, TRADESSettings
+from paper_repro.config import RunConfig
 from paper_repro.errors import ConfigError
 from paper_repro.methods import Context, Method, Objective, objective_epoch, register_method
 
@@ -58,33 +61,28 @@ def perturbed_weights(model: nn.Module) -> list[str]:
 
 
 class WeightPerturbation:
-    """AWP's perturbation of relative size γ per layer, found on a proxy copy of the model
-    (so neither the model's weights nor its BatchNorm statistics move while it is found)."""
+    """AWP's perturbation of relative size γ per layer, found on a proxy: the model's function at
+    a copy of its weights and buffers (`torch.func.functional_call`, run eagerly), so neither its
+    weights nor its BatchNorm statistics move while the perturbation is found."""
 
     def __init__(self, gamma: float) -> None:
         self.gamma = gamma
-        self.proxy: nn.Module | None = None
-
-    def _proxy_of(self, model: nn.Module) -> nn.Module:
-        if self.proxy is None:
-            compiled = model.__dict__.pop("_compiled_call_impl", None)  # the copy runs eagerly
-            try:
-                self.proxy = copy.deepcopy(model)
-            finally:
-                if compiled is not None:
-                    model._compiled_call_impl = compiled
-        self.proxy.load_state_dict(model.state_dict())
-        return self.proxy.train()
 
     def direction(self, model: nn.Module,
                   loss_fn: Callable[[nn.Module], torch.Tensor]) -> dict[str, torch.Tensor]:
-        """v_l = γ·‖w_l‖/‖g_l‖·g_l, g = ∇ of the inner loss at a copy of the weights."""
-        proxy = self._proxy_of(model)
+        """v_l = γ·‖w_l‖/‖g_l‖·g_l, g = ∇ of the inner loss at the proxy, in the model's mode."""
         names = perturbed_weights(model)
-        proxy_params = dict(proxy.named_parameters())
-        grads = torch.autograd.grad(loss_fn(proxy), [proxy_params[n] for n in names])
-        params = dict(model.named_parameters())
-        return {n: g * (self.gamma * params[n].detach().norm() / (g.norm() + _EPS))
+        params = {n: p.detach().clone().requires_grad_(n in names)
+                  for n, p in model.named_parameters()}
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+
+        def proxy(x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(model, (params, buffers), (x,))
+
+        with torch.compiler.set_stance("force_eager"):
+            grads = torch.autograd.grad(loss_fn(proxy), [params[n] for n in names])
+        weights = dict(model.named_parameters())
+        return {n: g * (self.gamma * weights[n].detach().norm() / (g.norm() + _EPS))
                 for n, g in zip(names, grads)}
 
     @contextlib.contextmanager
@@ -136,7 +134,7 @@ class TRADESAWPSettings(TRADESSettings):
 class AWP(Method):
     """The inner objective's epoch, with AWP around each update once the warm-up is over."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         self.perturbation = WeightPerturbation(self.settings.gamma)
 
