@@ -73,7 +73,8 @@ def _finetune(world, *extra):
 # (case id, argv builder, a fragment the one error line must contain)
 CASES = [
     # names
-    ("unknown-method", lambda w: _run(w, "--method", "trades"), "unknown method 'trades'"),
+    ("unknown-method", lambda w: _run(w, "--method", "no_such_method"),
+     "unknown method 'no_such_method'"),
     ("unknown-arch", lambda w: _run(w, "--arch", "vit-huge"), "unknown model 'vit-huge'"),
     ("unknown-dataset", lambda w: _run(w, "--dataset", "mnist-color"), "unknown dataset"),
     ("unknown-scale", lambda w: _run(w, "--scale", "huge"), "invalid choice: 'huge'"),

@@ -88,7 +88,7 @@ def test_rerunning_the_sweep_trains_nothing(smoke_store, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["run", "--method", "trades"], "unknown method 'trades'"),
+    (["run", "--method", "no_such_method"], "unknown method 'no_such_method'"),
     (["run", "--arch", "vit-huge", "--max-steps", "1"], "unknown model 'vit-huge'"),
     (["run", "--epochs", "0"], "epochs must be >= 1"),
     (["run", "--eps", "-1"], "eps must be in"),
