@@ -105,12 +105,19 @@ def write_paired(experiment: str, scale: str, results_dir: str | Path = "results
         "FLOPs ratio incl. pre-training": frame["flops_ratio_with_pretrain"].map(
             lambda v: f"{v:.3f}"),
     })
+    if experiment == "table1":
+        views = ("(PGD AT (early stop): the PGD AT runs' best validation epoch)",
+                 "(an early-stopped PGD AT run trains as long as PGD AT)",
+                 "(AFT (+500K): the student's, on the labelled and pseudo-labelled images; its "
+                 "teacher not counted)")
+    else:
+        views = ("(an (early stop) row: its runs' best validation epoch)",
+                 "(an early-stopped run trains as long as the full one)", "(AFT rows)")
     note = ("Differences over seeds, paired by seed (seed k of each row), of the models the "
-            "table shows (PGD AT (early stop): the PGD AT runs' best validation epoch); 95% "
+            f"table shows {views[0]}; 95% "
             "Student-t interval of the mean difference. FLOPs ratio: the row's training FLOPs "
-            "over the baseline's (an early-stopped PGD AT run trains as long as PGD AT); incl. "
-            "pre-training: with its natural pre-training (AFT (+500K): the student's, on the "
-            f"labelled and pseudo-labelled images; its teacher not counted). Scale: {scale}.")
+            f"over the baseline's {views[1]}; incl. "
+            f"pre-training: with its natural pre-training {views[2]}. Scale: {scale}.")
     out_dir = Path(results_dir) / "tables" / scale
     title = f"### {load_experiment(experiment).title}: paired differences ({scale} scale)"
     md, csv = out_dir / f"{experiment}_paired.md", out_dir / f"{experiment}_paired.csv"
