@@ -276,3 +276,55 @@ def test_aft_new_settings_stay_out_of_the_hash_at_their_defaults():
     for args in ({"loss": "trades"}, {"awp": True}, {"beta": 3.0}):
         assert build_config(("aft", AFT.recipe), method="aft",
                             method_args=args).config_hash() != plain.config_hash()
+
+
+# --- the modern experiment ----------------------------------------------------------------------
+
+def _resolve(name: str, row: str, scale: str, seed: int = 0):
+    from paper_repro.config import load_experiment, resolve_row
+    exp = load_experiment(name)
+    return resolve_row(exp, row, scale, seed=seed,
+                       method_recipe=get_method(exp.row(row)["method"]).recipe)
+
+
+@pytest.mark.parametrize("scale", ["paper", "cpu", "smoke"])
+def test_modern_reuses_table1_runs_and_pretraining(scale):
+    """PGD AT and AFT are Table 1's runs (same hash and folder); AFT-* share its pre-training."""
+    from paper_repro.config import load_experiment
+    from paper_repro.pipeline import pretrain_config
+    exp = load_experiment("modern")
+    for row, source in (("pgd_at", "pgd_at"), ("pgd_at_es", "pgd_at"), ("aft", "aft")):
+        mine, theirs = _resolve("modern", row, scale, 1), _resolve("table1", source, scale, 1)
+        assert mine.config_hash() == theirs.config_hash() and mine.run_path == theirs.run_path
+        assert exp.source(row) == ("table1", source)
+    assert (exp.row_select("pgd_at"), exp.row_select("pgd_at_es")) == ("final", "best")
+    table1_pre = pretrain_config(_resolve("table1", "aft", scale)).config_hash()
+    for row, args in (("aft_trades", {"loss": "trades"}), ("aft_mart", {"loss": "mart"}),
+                      ("aft_awp", {"awp": True})):
+        cfg = _resolve("modern", row, scale)
+        assert cfg.method_args == args and pretrain_config(cfg).config_hash() == table1_pre
+    for row in ("trades", "mart", "at_awp", "trades_awp"):
+        cfg = _resolve("modern", row, scale)
+        assert cfg.method == row and cfg.run_path == f"{scale}/modern/{row}/seed0"
+        assert exp.source(f"{row}_es") == ("modern", row) and exp.row_select(f"{row}_es") == "best"
+
+
+def test_a_view_of_another_experiments_row_must_exist(tmp_path):
+    from paper_repro.config import load_experiment
+    for view, message in (('"table1/nothing"', "view_of must name another row"),
+                          ('"nowhere/pgd_at"', "view_of must name another row"),
+                          ('"table1/pgd_at_es"', "not itself a view")):
+        path = tmp_path / "x.toml"
+        path.write_text(f'[[rows]]\nid = "a"\nview_of = {view}\n')
+        with pytest.raises(ConfigError, match=message):
+            load_experiment(str(path))
+
+
+def test_modern_paper_numbers_are_cited():
+    import pandas as pd
+    from paper_repro.report.tables import REPO_PAPER_DIR
+    paper = pd.read_csv(REPO_PAPER_DIR / "modern.csv")
+    numbers = paper[["clean", "pgd", "aa"]].notna().any(axis=1)
+    assert paper.loc[numbers, "source"].notna().all()
+    trades = paper.set_index("row").loc["trades"]
+    assert (trades["clean"], trades["pgd"], trades["aa"]) == (84.92, 56.61, 53.08)
