@@ -53,14 +53,15 @@ class PGDObjective:
     cross-entropy of x_adv alone. `attack` replaces `attacks.pgd` (the benchmark's reference loop)."""
 
     settings: PGDSettings
-    attack_fn: Callable[..., torch.Tensor] = pgd
+    attack_fn: Callable[..., torch.Tensor] | None = None  # None: this module's `pgd`
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                eps: float) -> torch.Tensor:
         s = self.settings
         model.train(s.bn_mode == "train")
-        return self.attack_fn(model, x, y, eps=eps, alpha=eps / 4 if s.alpha is None else s.alpha,
-                              steps=s.steps, random_start=s.random_start)
+        return (self.attack_fn or pgd)(model, x, y, eps=eps, steps=s.steps,
+                                       alpha=eps / 4 if s.alpha is None else s.alpha,
+                                       random_start=s.random_start)
 
     def loss(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor,
              y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +73,7 @@ def adversarial_epoch(ctx: Context, settings: PGDSettings,
                       attack: Callable[..., torch.Tensor] | None = None) -> dict[str, float]:
     """One epoch of PGD-k adversarial training; shared by `pgd_at` and AFT (and by the
     benchmark's reference-loop baseline, which passes its own `attack`; default attacks.pgd)."""
-    return objective_epoch(ctx, PGDObjective(settings, attack or pgd))
+    return objective_epoch(ctx, PGDObjective(settings, attack))
 
 
 @register_method
