@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Thin entry point: maps a target to `python -m paper_repro ...` after making sure the
 # environment (.venv with the package) and the offline data (Fashion-MNIST) are there.
-#   ./reproduce.sh table1|table2|table3 [--scale smoke|cpu|paper] [more flags for `paper_repro sweep`]
+#   ./reproduce.sh table1|table2|table3|modern [--scale smoke|cpu|paper] [more flags for `paper_repro sweep`]
 #   ./reproduce.sh fig1|fig3|fig4|fig5 [--scale S]  run what a figure needs, then draw it
 #   ./reproduce.sh all [--scale S]            every table and figure (train what is missing)
 #   ./reproduce.sh table1 --slurm [--partition P --time HH:MM:SS ...]   submit SLURM job arrays
@@ -55,7 +55,7 @@ usage() {
 target="${1:-}"
 [ $# -gt 0 ] && shift
 case "$target" in
-  table1|table2|table3)
+  table1|table2|table3|modern)
     ensure_env; ensure_data
     exec "$PY" -m paper_repro sweep "$target" "$@" ;;
   fig1|fig4)
@@ -67,7 +67,7 @@ case "$target" in
     exec "$PY" -m paper_repro aggregate $(aggregate_flags "$@") ;;
   all)
     ensure_env; ensure_data
-    for experiment in table1 table2 table3 fig1 fig4; do
+    for experiment in table1 table2 table3 modern fig1 fig4; do
       "$PY" -m paper_repro sweep "$experiment" "$@"
     done
     exec "$PY" -m paper_repro aggregate $(aggregate_flags "$@") ;;
@@ -87,6 +87,6 @@ case "$target" in
   ""|-h|--help|help)
     usage ;;
   *)
-    echo "reproduce.sh: unknown target '$target' (targets: table1 table2 table3 fig1 fig3 fig4 fig5 all aggregate status test gpucheck)" >&2
+    echo "reproduce.sh: unknown target '$target' (targets: table1 table2 table3 modern fig1 fig3 fig4 fig5 all aggregate status test gpucheck)" >&2
     exit 2 ;;
 esac
