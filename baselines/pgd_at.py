@@ -50,7 +50,7 @@ class PGDSettings:
 @dataclass
 class PGDObjective:
     """PGD AT's objective: PGD-k on the cross-entropy in the settings' model mode, then the
-    cross-entropy of x_adv alone. `attack` replaces `attacks.pgd` (the benchmark's reference loop)."""
+    cross-entropy of x_adv alone. `attack_fn` replaces `pgd` (the benchmark's reference loop)."""
 
     settings: PGDSettings
     attack_fn: Callable[..., torch.Tensor] | None = None  # None: this module's `pgd`

@@ -60,7 +60,7 @@ def check_objective(beta: float, steps: int, alpha_factor: float) -> None:
 
 def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
                 beta: float) -> torch.Tensor:
-    """CE(f(x), y) + β·KL(f(x) ‖ f(x_adv)), the KL summed over classes and averaged over the batch."""
+    """CE(f(x), y) + β·KL(f(x) ‖ f(x_adv)), the KL summed over classes, averaged over the batch."""
     kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1),
                   reduction="batchmean")
     return F.cross_entropy(logits, y) + beta * kl

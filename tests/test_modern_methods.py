@@ -122,7 +122,7 @@ def test_trades_attack_raises_the_kl_in_eval_mode_and_stays_in_the_ball():
     assert after > 100 * start  # the KL term the attack maximises rose from the start
 
 
-# --- AWP --------------------------------------------------------------------------------------------
+# --- AWP ------------------------------------------------------------------------------------------
 
 def _bn_model() -> nn.Module:
     torch.manual_seed(0)
@@ -179,7 +179,7 @@ def awp_applied(model, loss_fn):
     return WeightPerturbation(0.05)(model, loss_fn)
 
 
-# --- whole epochs: warm-up, probe -------------------------------------------------------------------
+# --- whole epochs: warm-up, probe -----------------------------------------------------------------
 
 def _setup(method: str, n: int = 16, batch: int = 8, **method_args):
     torch.manual_seed(0)
