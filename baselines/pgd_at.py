@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from paper_repro.attacks import pgd
-from paper_repro.methods import Context, Meter, Method, register_method
+from paper_repro.methods import Context, Method, objective_epoch, register_method
 
 
 @dataclass(frozen=True)
@@ -47,27 +47,33 @@ class PGDSettings:
             raise ConfigError(f"bn_mode must be 'train' or 'eval', got '{self.bn_mode}'")
 
 
+@dataclass
+class PGDObjective:
+    """PGD AT's objective: PGD-k on the cross-entropy in the settings' model mode, then the
+    cross-entropy of x_adv alone. `attack_fn` replaces `pgd` (the benchmark's reference loop)."""
+
+    settings: PGDSettings
+    attack_fn: Callable[..., torch.Tensor] | None = None  # None: this module's `pgd`
+
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               eps: float) -> torch.Tensor:
+        s = self.settings
+        model.train(s.bn_mode == "train")
+        return (self.attack_fn or pgd)(model, x, y, eps=eps, steps=s.steps,
+                                       alpha=eps / 4 if s.alpha is None else s.alpha,
+                                       random_start=s.random_start)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor,
+             y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x_adv)
+        return F.cross_entropy(logits, y), logits
+
+
 def adversarial_epoch(ctx: Context, settings: PGDSettings,
                       attack: Callable[..., torch.Tensor] | None = None) -> dict[str, float]:
     """One epoch of PGD-k adversarial training; shared by `pgd_at` and AFT (and by the
     benchmark's reference-loop baseline, which passes its own `attack`; default attacks.pgd)."""
-    attack = attack or pgd
-    model: nn.Module = ctx.model
-    meter = Meter(ctx.device)
-    alpha = ctx.eps / 4 if settings.alpha is None else settings.alpha
-    for batch in ctx.loader:
-        model.train(settings.bn_mode == "train")
-        x_adv = attack(model, batch.x, batch.y, eps=ctx.eps, alpha=alpha,
-                       steps=settings.steps, random_start=settings.random_start)
-        model.train()
-        logits = model(x_adv)
-        loss = F.cross_entropy(logits, batch.y)
-        loss.backward()
-        ctx.step()
-        meter.update(logits, batch.y, loss)
-        if ctx.done:
-            break
-    return meter.result()
+    return objective_epoch(ctx, PGDObjective(settings, attack))
 
 
 @register_method

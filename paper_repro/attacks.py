@@ -30,6 +30,17 @@ def per_example_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
+def per_example_kl(logits: torch.Tensor, p_clean: torch.Tensor) -> torch.Tensor:
+    """KL(p_clean ‖ softmax(logits)) per example: TRADES's attack objective, whose "labels" are
+    the clean prediction's probabilities (its sum-reduced KLDivLoss, per example)."""
+    return F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="none").sum(1)
+
+
+def gaussian_start(x: torch.Tensor, std: float = 0.001) -> torch.Tensor:
+    """δ = std·N(0, 1): TRADES's and MART's start, for `pgd(..., delta=...)`."""
+    return std * torch.randn_like(x)
+
+
 @dataclass(frozen=True)
 class LinfThreat:
     """An L∞ ball of radius `eps` around x, intersected with the [0,1] image box."""

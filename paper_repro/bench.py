@@ -56,7 +56,8 @@ from .probes import CompiledGraphProbe, ProbeReport, probing_attacks
 from .schedules import make_schedule
 
 GRID_ARCHS = ("preact-resnet18", "wrn-28-10", "wrn-34-10")
-GRID_METHODS = ("natural", "pgd_at", "fast_at", "free_at", "yopo", "atta")
+GRID_METHODS = ("natural", "pgd_at", "fast_at", "free_at", "yopo", "atta", "trades", "mart",
+                "at_awp", "trades_awp")
 GRID_BATCHES = (128, 512)
 BASELINE_METHODS = ("pgd_at", "aft")  # methods whose step is `pgd_at.adversarial_epoch`
 TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "fashion-mnist": 60_000,

@@ -216,8 +216,11 @@ def _experiment_configs(args: argparse.Namespace, name: str, scale: str) -> list
     overrides = _overrides(args)
     configs = []
     # a view row shows another row's run: it means that run, once, never a second training
-    for row_id in dict.fromkeys(exp.source_row(r) for r in rows):
-        reason = unsupported_reason(exp, exp.row(row_id)["id"], scale)
+    sources: dict[tuple[str, str], str] = {}
+    for r in rows:
+        sources.setdefault(exp.source(r), r)
+    for row_id in sources.values():
+        reason = unsupported_reason(exp, row_id, scale)
         if reason and not getattr(args, "rows", None):  # named explicitly: resolve_row says why
             print(f"skipping {name}/{row_id}: not supported at scale {scale} ({reason})",
                   file=sys.stderr)

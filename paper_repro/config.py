@@ -115,6 +115,10 @@ class RunConfig:
         d = {k: v for k, v in self.to_dict().items()
              if k not in _EXECUTION_FIELDS and k not in EVALUATION_FIELDS and k not in exclude
              and not (k in HASH_STABLE_FIELDS and v == _DEFAULTS[k])}
+        stable = HASH_STABLE_METHOD_ARGS.get(self.method, {})
+        if "method_args" in d:
+            d["method_args"] = {k: v for k, v in d["method_args"].items()
+                                if not (k in stable and v == stable[k])}
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -127,6 +131,11 @@ _EXECUTION_FIELDS = frozenset({"device", "results_dir", "data_root"})
 # Every field added to RunConfig from now on goes here (see config_hash).
 HASH_STABLE_FIELDS: frozenset[str] = frozenset({"train_eps", "precision", "channels_last",
                                                "compile", "val_n"})
+# The same for a method's settings (method_args): settings added after its runs were stored,
+# with their defaults (tests/test_modern_methods.py checks them against the method's Settings).
+HASH_STABLE_METHOD_ARGS: dict[str, dict[str, Any]] = {
+    "aft": {"loss": "ce", "beta": 6.0, "awp": False, "gamma": None, "awp_warmup": 0},
+}
 # How a trained model is measured, not what is trained: never hashed, so asking a done run for
 # more evaluation (AutoAttack, checks) re-evaluates its checkpoint instead of orphaning it; the
 # record stores the protocol it was measured with. (Also listed as hash-stable, trivially.)
@@ -285,8 +294,16 @@ class Experiment:
         return [r["id"] for r in self.rows]
 
     def source_row(self, row_id: str) -> str:
-        """The row whose run `row_id` shows: itself, or the row it is a view of."""
+        """The row whose run `row_id` shows: itself, or the row it is a view of (written
+        "<experiment>/<row>" for another experiment's row: see `source`)."""
         return self.row(row_id).get("view_of", row_id)
+
+    def source(self, row_id: str) -> tuple[str, str]:
+        """(experiment, row) of the run `row_id` shows: a view of another experiment's row
+        (`view_of = "table1/pgd_at"`) shows that experiment's runs, trained and stored once."""
+        source = self.source_row(row_id)
+        experiment, _, row = source.rpartition("/")
+        return (experiment or self.name, row)
 
     def row_select(self, row_id: str) -> str | None:
         """A view row's checkpoint ("best" or "final"); None for a row that is a run itself."""
@@ -317,14 +334,23 @@ _VIEW_KEYS = {"id", "label", "paper_row", "note", "view_of", "select"}
 def _check_views(rows: list[dict], path: Path) -> list[dict]:
     """A view row (`view_of = "<row>"`, `select = "best"|"final"`) shows another row's run at
     that checkpoint: it trains nothing, so it takes no config keys; it gets its source's method
-    (for labels and markers)."""
+    (for labels and markers). `view_of = "<experiment>/<row>"` shows another experiment's row
+    (its runs, its config hash), so a table can reuse runs without training them again."""
     by_id = {r["id"]: r for r in rows}
     for r in rows:
         if "view_of" not in r:
             continue
+        other, _, row_id = r["view_of"].rpartition("/")
+        if other:
+            try:
+                others = {o["id"]: o for o in load_experiment(other).rows}
+            except ConfigError:
+                others = {}
+            by_id[r["view_of"]] = others.get(row_id, {"view_of": "missing"})
         source, extra = by_id.get(r["view_of"]), sorted(set(r) - _VIEW_KEYS)
         if source is None or "view_of" in source:
-            problem = "view_of must name another row of the file that is not itself a view"
+            problem = ("view_of must name another row of the file, or \"<experiment>/<row>\" "
+                       "of another experiment file, that is not itself a view")
         elif extra:
             problem = f"a view trains nothing, so it takes no config keys ({', '.join(extra)})"
         elif r.get("select", "best") not in SELECTS:
@@ -375,7 +401,9 @@ def _check_seeds(seeds: Any, path: Path) -> dict[str, int]:
 def unsupported_reason(exp: Experiment, row_id: str, scale: str) -> str | None:
     """Why a row cannot run at this scale (`unsupported = "..."` in its scale block), or None.
     A view row can run wherever its source row can."""
-    row_id = exp.source_row(row_id)
+    other, row_id = exp.source(row_id)
+    if other != exp.name:
+        return unsupported_reason(load_experiment(other), row_id, scale)
     for s in exp.scale_chain(scale):
         reason = exp.row(row_id).get(s, {}).get("unsupported")
         if reason:
@@ -401,7 +429,10 @@ def resolve_row(exp: Experiment, row_id: str, scale: str, *, seed: int = 0,
     """
     if scale not in SCALES:
         raise ConfigError(f"unknown scale '{scale}' (valid: {', '.join(SCALES)})")
-    row_id = exp.source_row(row_id)
+    other, row_id = exp.source(row_id)
+    if other != exp.name:  # another experiment's run, exactly as that experiment resolves it
+        return resolve_row(load_experiment(other), row_id, scale, seed=seed, overrides=overrides,
+                           method_recipe=method_recipe, controlled_arch=controlled_arch)
     row = exp.row(row_id)
     reason = unsupported_reason(exp, row_id, scale)
     if reason:

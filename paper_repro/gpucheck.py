@@ -52,7 +52,10 @@ from .errors import ConfigError
 PAIRS: tuple[tuple[str, str], ...] = (
     ("aft", "wrn-28-10"), ("pgd_at", "wrn-32-10"), ("fast_at", "preact-resnet18"),
     ("natural", "wrn-32-10"), ("free_at", "wrn-32-10"), ("yopo", "wrn-34-10"),
-    ("atta", "wrn-34-10"), ("natural", "wrn-28-10"))
+    ("atta", "wrn-34-10"), ("natural", "wrn-28-10"),
+    # beyond the paper (experiments/modern.toml): last, so the budget cuts them first
+    ("trades", "wrn-34-10"), ("mart", "wrn-34-10"), ("at_awp", "wrn-34-10"),
+    ("trades_awp", "wrn-34-10"))
 BATCH = 128
 EPS = 8 / 255
 AGREEMENT_PP = 0.5

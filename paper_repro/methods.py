@@ -8,11 +8,12 @@ A method never builds data, models, loggers or evaluation and never writes files
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, ContextManager, Protocol
 
 import torch
 import torch.nn as nn
@@ -137,6 +138,48 @@ class Context:
             opt.zero_grad(set_to_none=True)
         self.global_step += 1
         faults.point("pretrain-step" if self.cfg.experiment == "pretrain" else "step")  # tests
+
+
+class Objective(Protocol):
+    """An adversarial training objective: how x_adv is found, and the loss trained on it.
+
+    PGD AT's CE on x_adv, TRADES's and MART's losses implement it; AWP wraps any of them
+    (`baselines/awp.py`), and AFT fine-tunes with any of them (`paper_repro/aft.py`).
+    """
+
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               eps: float) -> torch.Tensor:
+        """x_adv; sets the model mode it attacks in (the update always runs in train mode)."""
+
+    def loss(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor,
+             y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the scalar training loss, the logits on x_adv the meter scores)."""
+
+
+# Around an update's forward and backward: (model, the update's loss as a function of a model)
+UpdateWrapper = Callable[[nn.Module, Callable[[nn.Module], torch.Tensor]], ContextManager]
+
+
+def objective_epoch(ctx: Context, objective: Objective,
+                    wrap: UpdateWrapper | None = None) -> dict[str, float]:
+    """One epoch of adversarial training: per minibatch, craft x_adv, then one optimiser step
+    on the objective's loss in train mode. `wrap` (AWP's weight perturbation) encloses the
+    update's forward and backward and is left before the step."""
+    model, meter = ctx.model, Meter(ctx.device)
+    for batch in ctx.loader:
+        x, y = batch.x, batch.y
+        x_adv = objective.attack(model, x, y, ctx.eps)
+        model.train()
+        around = wrap(model, lambda m: objective.loss(m, x, x_adv, y)[0]) if wrap \
+            else contextlib.nullcontext()
+        with around:
+            loss, logits = objective.loss(model, x, x_adv, y)
+            loss.backward()
+        ctx.step()
+        meter.update(logits, y, loss)
+        if ctx.done:
+            break
+    return meter.result()
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, scope: str) -> list[dict[str, Any]]:

@@ -41,6 +41,7 @@ from conftest import tiny_config
 
 MULTI_PASS = {  # one epoch each: several backward passes per step, or per-example state
     "free_at": {}, "yopo": {}, "atta": {}, "fast_at": {"method_args": {"early_stop": True}},
+    "trades": {}, "at_awp": {},  # AWP: each rank's proxy pass on its slice, then one all-reduce
 }
 
 

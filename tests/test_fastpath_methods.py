@@ -13,7 +13,10 @@ seed, data and initial weights. Tolerances:
     of mantissa (~0.4% per logit), and an attack's sign steps can turn where a gradient is near
     zero.
   - channels_last, compiled fp32: |Δ| <= 1e-4 × max(1, loss) (measured: <= 5e-7): only the
-    order of float sums may change.
+    order of float sums may change. TRADES's KL attack (trades, trades_awp) starts at x + 0.001·N,
+    where KL(f(x) ‖ f(x_adv)) and its gradient are ~0, so the sign of some gradient entries is
+    the sign of rounding noise and the order of sums moves x_adv: 1e-3 × max(1, loss) there
+    (measured: trades_awp channels_last 4.8e-4 at loss 2.36).
 A compiled run's checkpoint (runner.train, compile=True) loads into an eager model, which
 reproduces the run's clean accuracy.
 
@@ -47,14 +50,18 @@ from paper_repro.models import create_model
 from paper_repro.runner import train
 from conftest import tiny_config
 
-METHODS = ("natural", "pgd_at", "free_at", "fast_at", "yopo", "atta", "aft")
+METHODS = ("natural", "pgd_at", "free_at", "fast_at", "yopo", "atta", "aft", "trades", "mart",
+           "at_awp", "trades_awp")
 # Where each method's attack-only passes run: through the compiled model, eagerly (YOPO's
 # layer-one steps call the stem directly), or nowhere (every pass also updates the weights).
 ATTACK_PASSES = {"natural": None, "free_at": None, "yopo": "eager", "pgd_at": "compiled",
-                 "fast_at": "compiled", "atta": "compiled", "aft": "compiled"}
+                 "fast_at": "compiled", "atta": "compiled", "aft": "compiled",
+                 "trades": "compiled", "mart": "compiled", "at_awp": "compiled",
+                 "trades_awp": "compiled"}
 BATCH = 8
 BF16_ATOL, BF16_RTOL = 0.01, 0.01
 FP32_RTOL = 1e-4
+FP32_RTOL_KL_ATTACK = {"trades": 1e-3, "trades_awp": 1e-3}  # see the module docstring
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +104,8 @@ def _assert_trained(b: Bench, losses: list[float]) -> None:
 
 def _assert_close_to_fp32_eager(method: str, first: float, *, bf16: bool) -> None:
     ref = _fp32_eager_first_loss(method)
-    tol = BF16_ATOL + BF16_RTOL * abs(ref) if bf16 else FP32_RTOL * max(1.0, abs(ref))
+    rtol = FP32_RTOL_KL_ATTACK.get(method, FP32_RTOL)
+    tol = BF16_ATOL + BF16_RTOL * abs(ref) if bf16 else rtol * max(1.0, abs(ref))
     assert abs(first - ref) <= tol, f"first loss {first} vs fp32 eager {ref} (tolerance {tol})"
 
 

@@ -61,7 +61,8 @@ def test_every_piece_runs_on_the_cpu_at_tiny_scale(tmp_path):
     assert check["skipped"] == [] and check["failed"] == []
     # the bench of every pair eager, and of the first pairs compiled
     eager = {e["method"] for e in data["entries"] if not e["compile"]}
-    assert eager == {"natural", "pgd_at", "free_at", "fast_at", "yopo", "atta", "aft"}
+    assert eager == {"natural", "pgd_at", "free_at", "fast_at", "yopo", "atta", "aft", "trades",
+                     "mart", "at_awp", "trades_awp"}
     compiled = [e for e in data["entries"] if e["compile"]]
     assert {e["method"] for e in compiled} == {m for m, _ in
                                                gpucheck.PAIRS[:gpucheck.TINY.compiled_pairs]}

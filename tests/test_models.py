@@ -281,7 +281,7 @@ def test_mlp_on_the_wrong_image_size_is_a_one_line_error() -> None:
 
 
 @pytest.mark.parametrize("method", ["natural", "pgd_at", "free_at", "fast_at", "yopo", "atta",
-                                    "aft"])
+                                    "aft", "trades", "mart", "at_awp", "trades_awp"])
 def test_mlp_trains_under_every_table1_method(method: str) -> None:
     """Two optimiser steps (Fast AT's cyclic LR is 0 at the first) of each Table 1 method's
     recipe on a narrow MLP (synthetic Fashion-MNIST-shaped batches): finite loss, and the stem

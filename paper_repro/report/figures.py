@@ -248,7 +248,8 @@ def write_fig3(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
 # --- cost against robustness --------------------------------------------------------------
 
 PARETO_MARKERS = {"natural": "o", "pgd_at": "s", "free_at": "^", "fast_at": "v", "yopo": "D",
-                  "atta": "P", "aft": "*"}  # one marker per method
+                  "atta": "P", "aft": "*", "trades": "X", "mart": "h", "at_awp": "d",
+                  "trades_awp": "p"}  # one marker per method
 
 
 def _finite(value: object) -> bool:
@@ -273,7 +274,7 @@ def pareto_figure(name: str, cells: pd.DataFrame, scale: str) -> plt.Figure | No
     labels = list(cells["method"])
     shown = [f"{lab} ({arch})" if labels.count(lab) > 1 else lab
              for lab, arch in zip(labels, cells["paper_arch"])]
-    colours = sns.color_palette("tab10", len(cells))
+    colours = sns.color_palette("tab10" if len(cells) <= 10 else "tab20", len(cells))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     handles, linked, missing, untimed = [], False, [], []
     for i, (_, cell) in enumerate(cells.iterrows()):

@@ -23,6 +23,10 @@ from ..config import load_experiment
 PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
     "table1": (("aft", "pgd_at"), ("aft", "pgd_at_es"), ("aft_500k", "pgd_at"),
                ("aft_500k", "pgd_at_es")),
+    # does AFT's cheap fine-tune carry over to today's objectives, and is AFT competitive?
+    "modern": (("aft_trades", "trades"), ("aft_trades", "trades_es"), ("aft_trades", "aft"),
+               ("aft_mart", "mart"), ("aft_mart", "mart_es"), ("aft_awp", "at_awp"),
+               ("aft_awp", "at_awp_es"), ("aft", "trades"), ("aft", "trades_es")),
 }
 METRICS = (("clean_acc", "clean"), ("pgd_acc", "PGD-20"), ("aa_acc", "AA"))
 CONFIDENCE = 0.95
@@ -33,8 +37,8 @@ def per_seed(runs: pd.DataFrame, experiment: str, row_id: str) -> pd.DataFrame:
     the image counts and run folder (verify.py floors intervals at the counts' binomial error
     and reads each run's machine from its folder)."""
     exp = load_experiment(experiment)
-    source, select = exp.source_row(row_id), exp.row_select(row_id) or "final"
-    done = runs[(runs["experiment"] == experiment) & (runs["row"] == source)
+    (stored_in, source), select = exp.source(row_id), exp.row_select(row_id) or "final"
+    done = runs[(runs["experiment"] == stored_in) & (runs["row"] == source)
                 & (runs["status"] == results.STATUS_DONE)]
     prefix = "best_" if select == "best" else ""
     out = pd.DataFrame({"seed": done["seed"].astype(int)})
@@ -107,12 +111,19 @@ def write_paired(experiment: str, scale: str, results_dir: str | Path = "results
         "FLOPs ratio incl. pre-training": frame["flops_ratio_with_pretrain"].map(
             lambda v: f"{v:.3f}"),
     })
+    if experiment == "table1":
+        views = ("(PGD AT (early stop): the PGD AT runs' best validation epoch)",
+                 "(an early-stopped PGD AT run trains as long as PGD AT)",
+                 "(AFT (+500K): the student's, on the labelled and pseudo-labelled images; its "
+                 "teacher not counted)")
+    else:
+        views = ("(an (early stop) row: its runs' best validation epoch)",
+                 "(an early-stopped run trains as long as the full one)", "(AFT rows)")
     note = ("Differences over seeds, paired by seed (seed k of each row), of the models the "
-            "table shows (PGD AT (early stop): the PGD AT runs' best validation epoch); 95% "
+            f"table shows {views[0]}; 95% "
             "Student-t interval of the mean difference. FLOPs ratio: the row's training FLOPs "
-            "over the baseline's (an early-stopped PGD AT run trains as long as PGD AT); incl. "
-            "pre-training: with its natural pre-training (AFT (+500K): the student's, on the "
-            f"labelled and pseudo-labelled images; its teacher not counted). Scale: {scale}.")
+            f"over the baseline's {views[1]}; incl. "
+            f"pre-training: with its natural pre-training {views[2]}. Scale: {scale}.")
     out_dir = Path(results_dir) / "tables" / scale
     title = f"### {load_experiment(experiment).title}: paired differences ({scale} scale)"
     md, csv = out_dir / f"{experiment}_paired.md", out_dir / f"{experiment}_paired.csv"

@@ -79,16 +79,16 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
     if select not in SELECTS:
         raise ReproError(f"select: '{select}' is not one of {', '.join(SELECTS)}")
     exp = load_experiment(name)
-    store_name = controlled_name(exp.name, controlled_arch) if controlled_arch else exp.name
     runs = results.load(results_dir, scale=scale)
-    if not runs.empty:
-        runs = runs[runs["experiment"] == store_name]
     paper = _paper_numbers(exp.paper_csv, results_dir).set_index("row", drop=False)
     lines: list[dict[str, Any]] = []
     for row in exp.rows:
         rid = row["id"]
-        source = exp.source_row(rid)
-        mine = runs[runs["row"] == source] if not runs.empty else runs
+        store_name, source = exp.source(rid)  # another experiment's, for a view of its row
+        if controlled_arch:
+            store_name = controlled_name(store_name, controlled_arch)
+        mine = runs[(runs["experiment"] == store_name) & (runs["row"] == source)] \
+            if not runs.empty else runs
         done = mine[mine["status"] == results.STATUS_DONE] if not mine.empty else mine
         line: dict[str, Any] = {"row": rid, "method": row.get("label", rid),
                                 "arch": None, "dataset": None, "scale": scale, "n_seeds": 0}
@@ -114,6 +114,8 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
                         paper_pgd=p.get("pgd"), paper_time=p.get("time"),
                         paper_time_unit=p.get("time_unit"), paper_source=p.get("source"),
                         paper_minutes=_minutes(p.get("time"), p.get("time_unit")))
+            if "aa" in paper.columns:  # a reference that reports AutoAttack (modern.csv)
+                line["paper_aa"] = p.get("aa")
         elif source != rid and source in paper.index:  # beyond the paper: its network only
             line["paper_arch"] = paper.loc[source].get("arch")
         if scale == "paper" and line["status"] == "done":
@@ -124,7 +126,8 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
     best = ["best_epoch"] if select == "best" or any(exp.row_select(r) for r in exp.row_ids) \
         else []
     diffs = ["diff_clean", "diff_pgd"] if scale == "paper" else []
-    frame = pd.DataFrame(lines).reindex(columns=COLUMNS + best + diffs)  # every column, always
+    paper_aa = ["paper_aa"] if "aa" in paper.columns else []
+    frame = pd.DataFrame(lines).reindex(columns=COLUMNS + paper_aa + best + diffs)  # always all
     # a count stays a count when some row has none (not run, unreadable): 1000, never 1000.0
     frame["eval_n"] = frame["eval_n"].astype("Int64")
     if best:  # text ("18/19/60") whether or not some row has one
@@ -223,6 +226,8 @@ def display_frame(df: pd.DataFrame, time_unit: str = "min") -> pd.DataFrame:
         "Checks": _text(df["checks"]),
         "Status": df["status"],
     })
+    if "paper_aa" in df:
+        out.insert(out.columns.get_loc("Paper PGD") + 1, "Paper AA", df["paper_aa"].map(_num))
     failed = ~_text(df["checks"]).isin(["", "ok", UNCHECKED])
     out.loc[failed, "Method"] = out.loc[failed, "Method"] + " †"  # never shown silently
     if "diff_clean" in df:
