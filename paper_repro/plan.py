@@ -27,6 +27,7 @@ every run it needs first, AFT's natural pre-training and self-training's teacher
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
@@ -272,13 +273,18 @@ def local_estimate(configs: Sequence[RunConfig], slots, *,
 
 
 def _list_schedule(todo: dict, seconds: dict[Path, float], slots: int) -> float:
-    """The wall time of the pool's order: runs start in graph order as soon as a slot is
-    free and everything they need has finished (unknown runs count as zero)."""
-    finish: dict[Path, float] = {}
-    free = [0.0] * slots
-    for directory, run in todo.items():  # graph order: a run after everything it needs
-        free.sort()
-        start = max([free[0]] + [finish[n] for n in run.needs if n in finish])
-        finish[directory] = start + seconds.get(directory, 0.0)
-        free[0] = finish[directory]
+    """The wall time of the pool's order (pool.py): whenever a slot is free, the first ready run
+    of its priority order starts (unknown runs count as zero)."""
+    from .pool import _critical_first
+
+    waiting, finish, now = _critical_first(todo), {}, 0.0
+    while waiting:
+        busy = sum(end > now for end in finish.values())
+        ready = [r for r in waiting
+                 if all(n not in todo or finish.get(n, math.inf) <= now for n in r.needs)]
+        if ready and busy < slots:
+            finish[ready[0].directory] = now + seconds.get(ready[0].directory, 0.0)
+            waiting.remove(ready[0])
+        else:
+            now = min(end for end in finish.values() if end > now)
     return max(finish.values(), default=0.0)

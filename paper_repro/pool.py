@@ -225,7 +225,7 @@ class _Pool:
     def __init__(self, todo: dict[Path, pipeline.PlannedRun], slots: Slots, outcome: Outcome,
                  say: Callable[[str], None]) -> None:
         self.todo, self.slots, self.outcome, self.say = todo, slots, outcome, say
-        self.waiting = list(todo.values())           # graph order: a run after what it needs
+        self.waiting = _critical_first(todo)
         self.running: dict[Path, tuple[Any, tuple[int, ...]]] = {}  # dir -> (job, its GPUs)
         self.free_gpus = list(slots.gpus)
         first = next(iter(todo.values())).cfg
@@ -333,6 +333,18 @@ class _Pool:
                 process.wait()
         for directory in self.running:  # stopped, not failed: `status` says interrupted
             (directory / results.LEDGER).unlink(missing_ok=True)
+
+
+def _critical_first(todo: dict[Path, pipeline.PlannedRun]) -> list[pipeline.PlannedRun]:
+    """The runs in the order slots go to ready ones: the longest chain of runs waiting on a run
+    first (a pre-training that a fine-tune and a student pre-training wait for starts before
+    independent rows, so the chain does not end the sweep alone), then the graph's order."""
+    height: dict[Path, int] = {}
+    for directory in reversed(list(todo)):  # the graph lists a run after everything it needs
+        dependents = [d for d, run in todo.items() if directory in run.needs]
+        height[directory] = 1 + max((height[d] for d in dependents), default=0)
+    order = {d: i for i, d in enumerate(todo)}
+    return sorted(todo.values(), key=lambda run: (-height[run.directory], order[run.directory]))
 
 
 def _interrupt(signum: int, frame: Any) -> None:
