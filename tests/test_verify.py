@@ -224,3 +224,20 @@ def test_fresh_writes_nothing_under_results_and_reuses_done_runs(tmp_path):
     verdict = pd.read_csv(fresh / "verify" / "smoke" / "table1.csv")
     assert set(verdict["k"]) == {2}
     assert _tree_hash(REPO / "results") == before
+
+
+def test_the_committed_example_verdict_matches_the_committed_records():
+    """results/verify/cpu/table1.{md,csv}: the reviewer's check as it ran here (README), every
+    Table 1 row and metric, its committed side the committed records' means."""
+    example = pd.read_csv(REPO / "results" / "verify" / "cpu" / "table1.csv")
+    rows = example[example["kind"] == "row"]
+    assert {"natural", "pgd_at", "pgd_at_es", "aft", "aft_500k"} <= set(rows["row"])
+    assert set(rows["metric"]) == {"clean", "PGD-20", "AA"}
+    frame = results.load(REPO / "results", scale="cpu")
+    frame = frame[frame["experiment"] == "table1"]
+    keys = {"clean": "clean_acc", "PGD-20": "pgd_acc", "AA": "aa_acc"}
+    for _, line in rows[rows["row"] != "pgd_at_es"].iterrows():
+        runs = frame[frame["row"] == line["row"]]
+        assert line["n"] == len(runs)
+        assert math.isclose(line["ref_mean"], runs[keys[line["metric"]]].mean(), abs_tol=1e-9)
+    assert (REPO / "results" / "verify" / "cpu" / "table1.md").read_text().count("reproduced") > 0
