@@ -165,8 +165,9 @@ def _threads(n: int) -> Iterator[None]:
 def train_all(configs: Sequence[RunConfig], slots: Slots, *,
               say: Callable[[str], None] = print) -> Outcome:
     """Train every run of `configs` and every run they need, at most `slots.jobs` at once, each
-    after all it needs. Done runs are reused. With one slot (or one run to train) the runs
-    train in this process, one after another, with the same threads per run as the pool."""
+    after all it needs. Done runs are reused. With one slot (or one run to train), and no GPUs
+    listed, the runs train in this process, one after another, with the pool's threads per
+    run."""
     from .evaluation import missing_evaluation
     from .runner import check_existing
 
@@ -182,7 +183,7 @@ def train_all(configs: Sequence[RunConfig], slots: Slots, *,
     outcome = Outcome(records={d: records[d] for d in graph if d not in todo})
     if not todo:
         return outcome
-    if slots.jobs == 1 or len(todo) == 1:
+    if not slots.gpus and (slots.jobs == 1 or len(todo) == 1):  # listed GPUs: always a job
         with _threads(slots.threads_per_run):
             return _in_process(configs, outcome, say)
     return _Pool(todo, slots, outcome, say).run()
@@ -210,7 +211,7 @@ def _in_process(configs: Sequence[RunConfig], outcome: Outcome,
         except ReproError as e:
             if len(configs) == 1:
                 raise
-            culprit = next(d for d in graph if not results.is_done(d))
+            culprit = next((d for d in graph if not results.is_done(d)), target)
             failed.add(culprit)
             outcome.failed[results.run_path_of(culprit)] = " ".join(str(e).split())
             say(f"failed {results.run_path_of(culprit)}: {' '.join(str(e).split())}")
