@@ -20,7 +20,8 @@ from paper_repro.report import docs
 
 REPO = Path(__file__).resolve().parent.parent
 FILES = docs.doc_files(REPO)
-BLOCK = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>\w*)\n(?P<body>.*?)^(?P=indent)```", re.M | re.S)
+BLOCK = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>\w*)\n(?P<body>.*?)^(?P=indent)```",
+                   re.M | re.S)
 LINK = re.compile(r"!?\[[^\]]*\]\((?P<target>[^)\s]+)\)")
 LANGS = {"bash", "python", "toml", "text"}
 RUN_ELSEWHERE = "tests/test_export.py runs this block"  # marker of a block another test runs
