@@ -393,6 +393,10 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     if not written:
         where = f" at scale {args.scale}" if args.scale else ""
         raise ReproError(f"nothing to render: no readable run in {runs_root(results_dir)}{where}")
+    if args.results_dir in (None, "results"):  # the committed store: its README/docs blocks too
+        from .report.docs import update_docs
+        for path in update_docs(Path(results_dir).resolve().parent):
+            print(f"wrote {path}")
     if args.strict and unreadable:
         raise ReproError(f"--strict: {unreadable} run(s) could not be read (warnings above); "
                          "everything else was rendered")

@@ -10,8 +10,10 @@ Because PGD-20 alone can overstate robustness, the final evaluation adds
   (9 target classes), FAB-T (9 target classes), 100 iterations each, then Square (5,000
   queries), each later attack on the points still robust. It runs through `pyautoattack`, the
   PyPI packaging of the authors' code (the original `autoattack` is not on PyPI;
-  torchattacks' AutoAttack uses 10 iterations and is optimistic). It runs on the first `aa_n`
-  images of the PGD subset's fixed permutation, so its images are among PGD's.
+  torchattacks' AutoAttack uses 10 iterations and is optimistic). It runs on
+  `fixed_subset(N, aa_n)`: the first aa_n of the fixed permutation whose first eval_n are the PGD
+  images, so its images are among PGD's but are not the first aa_n of the (sorted) PGD images;
+  a user gets them with `load_test_images(run, subset="aa")`.
 - sanity checks against gradient masking (Athalye et al. 2018, Carlini et al. 2019), computed
   on the PGD images and stored in the record (`checks`: "ok" or the failed checks' names):
     order_clean_fgsm  FGSM accuracy above clean accuracy
@@ -174,8 +176,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
              alpha: float, steps: int, n: int | None, batch: int, device: torch.device,
              seed: int = 0, aa_n: int | None = 0, checks: bool = False) -> dict:
     """The table protocol: clean on all images, PGD on the fixed subset of n images; with
-    `aa_n` (None: all n images, 0: off) AutoAttack on the first aa_n of them; with `checks`
-    the sanity checks. Returns the record's evaluation fields."""
+    `aa_n` (None: all n images, 0: off) AutoAttack on fixed_subset(N, aa_n), a subset of them;
+    with `checks` the sanity checks. Returns the record's evaluation fields."""
     torch.manual_seed(seed)  # the random start is part of the protocol: make it repeatable
     idx = fixed_subset(len(labels), n)
     clean = correct_flags(model, images, labels, None, batch=batch, device=device)

@@ -3,9 +3,10 @@
     load_model(run)            the network of a run in the store (`cpu/table1/aft/seed0`) or of an
                                exported folder, in eval mode, taking [0,1] images (normalisation is
                                its first layer): ready for torchattacks, AutoAttack or inference
-    load_test_images(run, n=None)
-                               its dataset's test images as [0,1] floats; with n, the fixed subset
-                               of n images on which every run's PGD-20 is measured
+    load_test_images(run, subset="pgd"|"aa")
+                               the test images a record's number is measured on, as [0,1] floats:
+                               all of them (clean), "pgd" (eval_n: PGD-20), "aa" (aa_n: AutoAttack;
+                               not the first aa_n of the PGD images)
     export_model(run, out)     model.safetensors + model_info.json + README.md (a model card)
 
 A run's weights are its `checkpoint.pt` (`select="final"`) or, where the run kept one, its
@@ -212,15 +213,49 @@ def _load_export(folder: Path) -> tuple[ImageClassifier, dict[str, Any]]:
     return model, info
 
 
-def load_test_images(run: str | Path, n: int | None = None, *,
+SUBSETS = ("pgd", "aa")  # the images a record's PGD-20 and AutoAttack numbers are measured on
+
+
+def _subset_size(kind: str, folder: Path, subset: str) -> int:
+    """How many images the record (or the export's model_info.json) measured `subset` on:
+    PGD on the fixed subset of eval_n images, AutoAttack on the fixed subset of aa_n (the first
+    aa_n of the same fixed permutation, so a subset of PGD's images, but not x[:aa_n] of them)."""
+    if kind == "export":
+        ev = _read_info(folder).get("evaluation") or {}
+        n = ev.get("pgd_n") if subset == "pgd" else ev.get("aa_n")
+    else:
+        record = results.read_json(folder / "record.json") or {}
+        measured = subset == "pgd" or record.get("aa_acc") is not None
+        n = record.get("eval_n" if subset == "pgd" else "aa_n") if measured else None
+    if not n:
+        what = "PGD-20" if subset == "pgd" else "AutoAttack"
+        raise ReproError(f"load_test_images: {folder} has no {what} result, so no "
+                         f"subset='{subset}' images")
+    return int(n)
+
+
+def load_test_images(run: str | Path, n: int | None = None, *, subset: str | None = None,
                      results_dir: str | Path = "results") -> tuple[torch.Tensor, torch.Tensor]:
-    """(images as float [0,1] N×C×H×W, labels) of the run's test set: all of it (where its
-    clean accuracy is measured), or with `n` the fixed subset of n images that every run's
-    PGD-20 uses (the record's `eval_n`)."""
+    """(images as float [0,1] N×C×H×W, labels) of the run's test set, in test-set order.
+
+    - no argument: all of it (where the record's clean_acc is measured);
+    - `subset="pgd"`: the images of the record's pgd_acc (its eval_n fixed images);
+    - `subset="aa"`: the images of the record's aa_acc and aa_clean_acc (its aa_n fixed images).
+      These are NOT `load_test_images(run, subset="pgd")[0][:aa_n]`: both subsets are the first
+      n of one fixed permutation, sorted, so the AA images are among PGD's but not its first aa_n;
+    - `n`: the fixed subset of n images (`n=eval_n` is subset="pgd", `n=aa_n` is subset="aa").
+    """
     from .data import dataset_info, load_arrays
     from .evaluation import fixed_subset
 
     kind, folder = _locate(run, results_dir)
+    if subset is not None:
+        if subset not in SUBSETS:
+            raise ConfigError(f"load_test_images: subset '{subset}' is not one of "
+                              f"{', '.join(SUBSETS)}")
+        if n is not None:
+            raise ConfigError("load_test_images: give n or subset, not both")
+        n = _subset_size(kind, folder, subset)
     if kind == "export":
         dataset, data_root = _read_info(folder)["dataset"], None
     else:
@@ -299,9 +334,10 @@ def model_info(cfg: RunConfig, stored: dict[str, Any], record: dict[str, Any],
     clean_n = _TEST_SET_SIZE.get(cfg.dataset) if info.in_memory else record.get("eval_n")
     protocol = (f"clean accuracy on the full test set; PGD-{steps} (L∞, ε = {_eps_text(cfg.eps)}, "
                 f"α = {alpha:g}, one random start, eval mode, fp32) on a fixed subset of "
-                f"{record.get('eval_n')} test images"
-                + (f"; standard AutoAttack ({record.get('aa_package')}: {AA_ATTACKS}) on the "
-                   f"first {aa_n} of them" if aa_n else "; AutoAttack not run"))
+                f"{record.get('eval_n')} test images (load_test_images(run, subset='pgd'))"
+                + (f"; standard AutoAttack ({record.get('aa_package')}: {AA_ATTACKS}) on a "
+                   f"fixed {aa_n} of them (load_test_images(run, subset='aa'); not the "
+                   f"first {aa_n} of the PGD images)" if aa_n else "; AutoAttack not run"))
     footnote = "" if cfg.scale == "paper" else (
         f"{cfg.scale}-scale stand-in, not the paper's setting: {cfg.dataset}, {cfg.arch} "
         "(see the experiment file paper_repro/experiments/"
@@ -395,6 +431,8 @@ def model_card(info: dict[str, Any]) -> str:
         "import paper_repro",
         "model = paper_repro.load_model(\"THIS_FOLDER\")  # eval mode; checks the sha256",
         "logits = model(images)  # images: float in [0,1], N x C x H x W",
+        "# the images each number above is measured on (no argument: clean, all test images):",
+        "x, y = paper_repro.load_test_images(\"THIS_FOLDER\", subset=\"aa\")  # or subset=\"pgd\"",
         "```", "",
         f"Without this suite: `{WEIGHTS}` is a safetensors file of the whole model's state dict: "
         f"`net.*` is the network's own state dict (`{m['build']}`) and `normalize.*` its input "

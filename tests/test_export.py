@@ -14,7 +14,7 @@ import torch
 
 from paper_repro import cli, export, load_model, load_test_images, local, results
 from paper_repro.config import build_config
-from paper_repro.errors import CheckpointError, DataError
+from paper_repro.errors import CheckpointError, DataError, ReproError
 from paper_repro.evaluation import fixed_subset
 from paper_repro.models.registry import Normalize
 from conftest import tiny_config
@@ -208,11 +208,11 @@ def test_a_missing_checkpoint_says_which_command_trains_it(aft_store, tmp_path):
 
 
 def _readme_example() -> str:
-    """The README's load-attack-export example: the python block after its marker."""
-    text = (REPO / "README.md").read_text()
+    """The docs' load-attack-export example (docs/api.md): the python block after its marker."""
+    text = (REPO / "docs" / "api.md").read_text()
     match = re.search(r"<!-- example: load-attack-export[^>]*-->\s*```python\n(.*?)```", text,
                       re.S)
-    assert match, "README.md lost its load-attack-export example"
+    assert match, "docs/api.md lost its load-attack-export example"
     return match.group(1)
 
 
@@ -231,3 +231,31 @@ def test_the_readme_example_runs(aft_store, tmp_path):
     assert re.search(r"PGD-20 accuracy: \d+\.\d%", proc.stdout), proc.stdout
     out = next(p.parent for p in tmp_path.glob("**/model_info.json"))
     assert not load_model(out).training
+
+
+def test_the_autoattack_images_are_the_ones_the_records_aa_clean_acc_is_measured_on(aft_store,
+                                                                                    tmp_path):
+    """load_test_images(run, subset="aa") gives the images of the record's AutoAttack numbers
+    (not the first aa_n PGD images): the model's clean accuracy on them is aa_clean_acc."""
+    cfg = tiny_config(tmp_path, method="natural", experiment="table1", eval_n=40, aa_n=20)
+    record = local.train(cfg, quiet=True)
+    run = record["run_path"]
+    model = load_model(run, results_dir=tmp_path)
+    x, y = load_test_images(run, subset="aa", results_dir=tmp_path)
+    assert len(y) == record["aa_n"] == 20
+    assert _accuracy(model, x, y, cfg.eval_batch) == record["aa_clean_acc"]
+    assert torch.equal(x, load_test_images(run, n=20, results_dir=tmp_path)[0])
+    pgd_x, pgd_y = load_test_images(run, subset="pgd", results_dir=tmp_path)
+    assert len(pgd_y) == record["eval_n"] == 40
+    assert not torch.equal(x, pgd_x[:20])  # the trap the docs warn about
+    for kwargs, error in [({"subset": "bogus"}, "not one of pgd, aa"),
+                          ({"subset": "aa", "n": 20}, "not both")]:
+        with pytest.raises(ReproError, match=error):
+            load_test_images(run, results_dir=tmp_path, **kwargs)
+    store, _record, _cfg = aft_store  # trained with aa_n = 0
+    with pytest.raises(ReproError, match="no AutoAttack result"):
+        load_test_images(RUN, subset="aa", results_dir=store)
+    out = tmp_path / "exported"
+    export.export_model(run, out, results_dir=tmp_path)
+    assert torch.equal(load_test_images(out, subset="aa")[0], x)
+    assert "subset=\"aa\"" in (out / "README.md").read_text()
