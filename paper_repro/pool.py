@@ -360,6 +360,8 @@ def _write_ledger(directory: Path, ledger: dict[str, Any] | None) -> None:
         old = results.read_json(path)
         if old and old.get("cluster") == "local" and not old.get("job_id"):
             path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a folder the pool made only for the entry
+                directory.rmdir()
         return
     directory.mkdir(parents=True, exist_ok=True)
     results.atomic_write_json(path, ledger)
