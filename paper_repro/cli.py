@@ -89,9 +89,6 @@ def _recipe(method: str) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .config import build_config
-    from .local import train
-
     select = getattr(args, "select", "final")
     if args.seeds is None:  # one run unless asked; an experiment's `seeds` is for its sweeps
         args.seeds = 1

@@ -70,7 +70,6 @@ def test_no_committed_cpu_table_cell_mixes_stand_ins():
     """Every done cpu run of a table holds the stand-in of its row as resolved today: one
     config per cell (its cell hash), and in Table 1 one network and data for all rows."""
     for name in ("table1", "table2", "table3"):
-        exp = load_experiment(name)
         for path in sorted((STORE / "runs" / "cpu" / name).glob("*/seed*/record.json")):
             record = json.loads(path.read_text())
             if record.get("status") != results.STATUS_DONE:
