@@ -22,7 +22,8 @@ method's own augmentation on the device):
 4. With `--baseline-loop` (pgd_at, aft): the same PGD-k AT step with the attack written as the
    reference repos write it (`loss.backward()` with the parameters requiring grad, so every
    attack iteration also computes and accumulates weight gradients), timed the same way.
-MFU = achieved FLOP/s ÷ the device's bf16 dense datasheet peak, and ÷ a measured GEMM peak
+MFU = achieved FLOP/s ÷ the device's dense datasheet peak (gpus.py: bf16; V100 fp16; the
+table plan applies the MFU against), and ÷ a measured GEMM peak
 (a large matmul in the run's compute dtype). One entry per (method, arch, batch, compile,
 precision, dataset) is merged into results/bench/<device>.json.
 
@@ -51,6 +52,7 @@ from .config import RunConfig, build_config
 from .data import Augment, ArrayLoader, dataset_info
 from .errors import ConfigError
 from .flops import TotalFlopCounter
+from .gpus import gpu_of
 from .methods import Context, Method, get_method
 from .probes import CompiledGraphProbe, ProbeReport, probing_attacks
 from .schedules import make_schedule
@@ -60,12 +62,6 @@ GRID_METHODS = ("natural", "pgd_at", "fast_at", "free_at", "yopo", "atta", "trad
                 "at_awp", "trades_awp")
 GRID_BATCHES = (128, 512)
 BASELINE_METHODS = ("pgd_at", "aft")  # methods whose step is `pgd_at.adversarial_epoch`
-TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "fashion-mnist": 60_000,
-                "imagenet": 1_281_167, "ti500k": 500_000}
-
-# bf16 dense tensor-core peaks, TFLOP/s (performance.md §1; datasheets print 2:4-sparse figures)
-DATASHEET_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    (r"H200", 989.4), (r"H100.*PCIe", 756.0), (r"H100", 989.4), (r"A100", 312.0))
 
 
 # --- the configuration and the pieces of a training step ------------------------------------
@@ -234,11 +230,11 @@ def device_slug(device: torch.device) -> str:
 
 
 def datasheet_peak(device: torch.device) -> float | None:
+    """The device's dense datasheet peak (gpus.py, the table plan uses), None if not known."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for pattern, peak in DATASHEET_BF16_TFLOPS if re.search(pattern, name)),
-                None)
+    gpu = gpu_of(torch.cuda.get_device_name(device))
+    return None if gpu is None else gpu.peak_tflops
 
 
 def measure(method: str, arch: str, batch: int, *, dataset: str = "cifar10",
@@ -325,8 +321,8 @@ def _entry(cfg: RunConfig, bench: Bench, resolved: str, gflop_per_image: float,
         "repeats": repeats,
         "optimizer_steps_per_batch": bench.replays,
         "images_per_s": round(images_per_s, 2),
-        "seconds_per_epoch": round(TRAIN_IMAGES.get(dataset, 50_000) / images_per_s, 3),
-        "epoch_images": TRAIN_IMAGES.get(dataset, 50_000),
+        "seconds_per_epoch": round(dataset_info(dataset).train_size / images_per_s, 3),
+        "epoch_images": dataset_info(dataset).train_size,
         "gflop_per_image": round(gflop_per_image, 4),
         "tflops": round(tflops, 4),
         "peak_datasheet_tflops": peak,
@@ -356,7 +352,7 @@ def _notes(compiled_probe: ProbeReport, no_peak: bool, dev: torch.device, attack
     if compiled_probe.compiled_unverified:
         notes.append("wgrad_in_attack: a compiled attack graph's backward was not inspected")
     if no_peak:
-        notes.append("mfu_datasheet: no bf16 datasheet peak for this device"
+        notes.append("mfu_datasheet: no datasheet peak for this device (gpus.py)"
                      + (" (CPU)" if dev.type != "cuda" else ""))
     if attack_free:
         notes.append("wgrad_in_attack: the method has no attack-only passes (each pass also "
@@ -374,7 +370,7 @@ def _baseline_fields(bench: Bench, cfg: RunConfig, reference: Callable, seconds:
         bench.run(reference, max_batches=1)
     ref_images_per_s = cfg.batch_size * steps / seconds
     return {"baseline_images_per_s": round(ref_images_per_s, 2),
-            "baseline_seconds_per_epoch": round(TRAIN_IMAGES.get(cfg.dataset, 50_000)
+            "baseline_seconds_per_epoch": round(dataset_info(cfg.dataset).train_size
                                                 / ref_images_per_s, 3),
             "baseline_gflop_per_image": round(ref_counter.get_total_flops()
                                               / cfg.batch_size / 1e9, 4),

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import gpus
 from .errors import ReproError
 
 FRESH_DIR = "results-fresh"  # where `./reproduce.sh TABLE --fresh` re-runs (git-ignored)
@@ -538,7 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="experiment name, e.g. table1")
     p.add_argument("--rows", help="comma-separated subset of rows")
     p.add_argument("--controlled", metavar="ARCH", help="the controlled variant on ARCH")
-    p.add_argument("--gpu", required=True, help="h100, h200, a100 or v100")
+    p.add_argument("--gpu", required=True,
+                   help=f"one of {', '.join(gpus.names())} (gpus.py: the peaks bench uses)")
     p.add_argument("--gpus-per-job", type=int, default=1,
                    help="GPUs per run (data parallel): divides a job's wall time")
     p.add_argument("--mfu", type=float, help="model FLOP utilisation to assume (default: "

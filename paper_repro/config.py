@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
 
@@ -30,35 +30,65 @@ SCALES = ("smoke", "cpu", "paper")
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
 
 
+# The roles of RunConfig's fields, declared once on each field (`_field`) and read by the hash,
+# the pre-training (pipeline.pretrain_config), the record and the export:
+#   hash: "always" (the default: the field identifies the run), "stable" (in the hash only when
+#         it differs from its default: every field added after the first results were stored,
+#         so adding one never orphans the runs already done) or "never" (where files are, how a
+#         model is measured);
+#   role: "recipe" (the default: what is trained), "identity" (which run of the table it is),
+#         "execution" (how and where it runs) or "evaluation" (how the trained model is measured);
+#   inherited_by_pretrain: an AFT row's natural pre-training takes the row's value (else the
+#         natural recipe's). A new field says here whether it is inherited.
+_HASH_ROLES = ("always", "stable", "never")
+_ROLES = ("recipe", "identity", "execution", "evaluation")
+
+
+def _field(default: Any = None, *, factory: Callable[[], Any] | None = None,
+           hashed: str = "always", role: str = "recipe",
+           inherited_by_pretrain: bool = False) -> Any:
+    """A RunConfig field with its roles in the field's metadata (see above)."""
+    if hashed not in _HASH_ROLES or role not in _ROLES:
+        raise ValueError(f"RunConfig field roles: hashed {hashed!r}, role {role!r}")
+    meta = {"hash": hashed, "role": role, "inherited_by_pretrain": inherited_by_pretrain}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that determines a run. ε and α are fractions of the [0,1] pixel range."""
+    """Everything that determines a run. ε and α are fractions of the [0,1] pixel range.
+    Each field's roles (hash, role, inherited by a pre-training) are declared on it: `_field`."""
 
     # identity
-    experiment: str = "adhoc"
-    row: str = "run"
-    scale: str = "cpu"
-    seed: int = 0
+    experiment: str = _field("adhoc", role="identity")
+    row: str = _field("run", role="identity")
+    scale: str = _field("cpu", role="identity")
+    seed: int = _field(0, role="identity", inherited_by_pretrain=True)
     # method
     method: str = "natural"
     method_args: dict = field(default_factory=dict)
     # data
-    dataset: str = "fashion-mnist"
-    data_root: str | None = None
-    train_subset: int | None = None      # first N images of a fixed permutation (data seed 0)
+    dataset: str = _field("fashion-mnist", inherited_by_pretrain=True)
+    data_root: str | None = _field(None, hashed="never", role="execution",
+                                   inherited_by_pretrain=True)
+    # first N images of a fixed permutation (data seed 0)
+    train_subset: int | None = _field(None, inherited_by_pretrain=True)
     extra_data: str | None = None        # pre-training only: None, "pseudo-label" or "ti500k"
     extra_data_n: int = 0                # pseudo-label: held-out images taken after the subset
     extra_data_path: str | None = None   # ti500k: the pickle
-    val_n: int = 0                       # validation images held out of training (0: none)
+    # validation images held out of training (0: none)
+    val_n: int = _field(0, hashed="stable", inherited_by_pretrain=True)
     batch_size: int = 128
-    augment_pad: int = 4
+    augment_pad: int = _field(4, inherited_by_pretrain=True)
     augment_pad_mode: str = "zeros"
     augment_pad_value: float = 0.0
-    augment_flip: bool = True
+    augment_flip: bool = _field(True, inherited_by_pretrain=True)
     drop_last: bool = True
     # model
-    arch: str = "cnn-small"
-    model_args: dict = field(default_factory=dict)
+    arch: str = _field("cnn-small", inherited_by_pretrain=True)
+    model_args: dict = _field(factory=dict, inherited_by_pretrain=True)
     init: str | None = None              # start from weights: see pretrained.py (4 forms)
     pretrain: dict | None = None         # AFT: overrides for the natural pre-training run
     # optimisation
@@ -71,28 +101,39 @@ class RunConfig:
     wd_scope: str = "all"                # "all", "weights" (conv/linear weights only), "no_bn"
     schedule: str = "piecewise"
     schedule_args: dict = field(default_factory=dict)
-    # threat model
-    eps: float = 8 / 255                 # the evaluated threat model (and the trained one)
-    train_eps: float | None = None       # train at another ε (Table 2's AFT ε = 10/255, tested at 8/255)
+    # threat model: the evaluated one (and the trained one)
+    eps: float = _field(8 / 255, inherited_by_pretrain=True)
+    # train at another ε (Table 2's AFT ε = 10/255, tested at 8/255)
+    train_eps: float | None = _field(None, hashed="stable")
     # evaluation (DESIGN §7): PGD-20, α = ε/4, one random start, eval mode, fp32
-    eval_steps: int = 20
-    eval_alpha: float | None = None      # None: ε/4
-    eval_n: int | None = None            # test images for the final PGD (None: all)
-    eval_batch: int = 500
-    monitor_n: int = 500                 # per-epoch PGD on this many fixed test and train images
-    monitor_steps: int = 10
+    eval_steps: int = _field(20, inherited_by_pretrain=True)
+    eval_alpha: float | None = _field(None, inherited_by_pretrain=True)  # None: ε/4
+    # test images for the final PGD (None: all)
+    eval_n: int | None = _field(None, inherited_by_pretrain=True)
+    eval_batch: int = _field(500, inherited_by_pretrain=True)
+    # per-epoch PGD on this many fixed test and train images
+    monitor_n: int = _field(500, inherited_by_pretrain=True)
+    monitor_steps: int = _field(10, inherited_by_pretrain=True)
     # evaluation protocol (EVALUATION_FIELDS: never in the hash; the record says what was measured)
-    aa_n: int | None = None              # AutoAttack on this many PGD images (None: all, 0: off)
-    eval_checks: bool = True             # gradient-masking sanity checks (evaluation.py)
+    # AutoAttack on this many PGD images (None: all, 0: off; a pre-training: 0)
+    aa_n: int | None = _field(None, hashed="never", role="evaluation")
+    # gradient-masking sanity checks (evaluation.py)
+    eval_checks: bool = _field(True, hashed="never", role="evaluation",
+                               inherited_by_pretrain=True)
     # speed (fastpath.py): the same algorithm, faster; in the hash only when set
-    precision: str = "auto"              # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
-    channels_last: bool | None = None    # None: on with CUDA
-    compile: bool = False                # torch.compile the model (`--compile`)
-    # execution (not part of the hash)
-    device: str = "auto"
-    deterministic: bool = False
-    max_steps: int | None = None         # stop after N optimiser steps (smoke-testing paper configs)
-    results_dir: str = "results"
+    # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
+    precision: str = _field("auto", hashed="stable", inherited_by_pretrain=True)
+    # None: on with CUDA
+    channels_last: bool | None = _field(None, hashed="stable", inherited_by_pretrain=True)
+    # torch.compile the model (`--compile`)
+    compile: bool = _field(False, hashed="stable", inherited_by_pretrain=True)
+    # execution: device, results_dir (and data_root) are not hashed; deterministic, max_steps are
+    device: str = _field("auto", hashed="never", role="execution", inherited_by_pretrain=True)
+    deterministic: bool = _field(False, role="execution", inherited_by_pretrain=True)
+    # stop after N optimiser steps (smoke-testing paper configs)
+    max_steps: int | None = _field(None, role="execution", inherited_by_pretrain=True)
+    results_dir: str = _field("results", hashed="never", role="execution",
+                              inherited_by_pretrain=True)
 
     @property
     def eval_alpha_value(self) -> float:
@@ -109,8 +150,9 @@ class RunConfig:
     def config_hash(self, exclude: tuple[str, ...] = ()) -> str:
         """sha256 of the canonical JSON of every field that changes the result.
 
-        Fields added after the first results were stored (`HASH_STABLE_FIELDS`) enter the hash only
-        when they differ from their default, so adding a field never orphans the runs already done.
+        Fields declared `hashed="stable"` (`HASH_STABLE_FIELDS`: added after the first results
+        were stored) enter the hash only when they differ from their default, so adding a field
+        never orphans the runs already done; `hashed="never"` fields never enter it.
         """
         d = {k: v for k, v in self.to_dict().items()
              if k not in _EXECUTION_FIELDS and k not in EVALUATION_FIELDS and k not in exclude
@@ -127,20 +169,33 @@ class RunConfig:
         return self.config_hash(exclude=("seed",))
 
 
-_EXECUTION_FIELDS = frozenset({"device", "results_dir", "data_root"})
-# Every field added to RunConfig from now on goes here (see config_hash).
-HASH_STABLE_FIELDS: frozenset[str] = frozenset({"train_eps", "precision", "channels_last",
-                                               "compile", "val_n"})
+def _fields_where(hashed: str | None = None, role: str | None = None,
+                  inherited_by_pretrain: bool | None = None) -> tuple[str, ...]:
+    """The RunConfig fields (in declaration order) whose declared roles are the given ones."""
+    wanted = {"hash": hashed, "role": role, "inherited_by_pretrain": inherited_by_pretrain}
+    defaults = {"hash": "always", "role": "recipe", "inherited_by_pretrain": False}
+    return tuple(f.name for f in dataclasses.fields(RunConfig)
+                 if all(v is None or f.metadata.get(k, defaults[k]) == v
+                        for k, v in wanted.items()))
+
+
+# How a trained model is measured, not what is trained: never hashed, so asking a done run for
+# more evaluation (AutoAttack, checks) re-evaluates its checkpoint instead of orphaning it; the
+# record stores the protocol it was measured with.
+EVALUATION_FIELDS: frozenset[str] = frozenset(_fields_where(role="evaluation"))
+_EXECUTION_FIELDS = frozenset(_fields_where(hashed="never", role="execution"))
+# In the hash only when not the default (see config_hash); evaluation fields trivially too.
+HASH_STABLE_FIELDS: frozenset[str] = frozenset(_fields_where(hashed="stable")) | EVALUATION_FIELDS
+# What an AFT row's natural pre-training takes from the row (pipeline.pretrain_config).
+PRETRAIN_INHERITED_FIELDS: tuple[str, ...] = _fields_where(inherited_by_pretrain=True)
+# Not the training recipe: which run it is, how it ran, how it was measured (export's recipe).
+NOT_RECIPE_FIELDS: frozenset[str] = frozenset(
+    f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("role", "recipe") != "recipe")
 # The same for a method's settings (method_args): settings added after its runs were stored,
 # with their defaults (tests/test_modern_methods.py checks them against the method's Settings).
 HASH_STABLE_METHOD_ARGS: dict[str, dict[str, Any]] = {
     "aft": {"loss": "ce", "beta": 6.0, "awp": False, "gamma": None, "awp_warmup": 0},
 }
-# How a trained model is measured, not what is trained: never hashed, so asking a done run for
-# more evaluation (AutoAttack, checks) re-evaluates its checkpoint instead of orphaning it; the
-# record stores the protocol it was measured with. (Also listed as hash-stable, trivially.)
-EVALUATION_FIELDS: frozenset[str] = frozenset({"aa_n", "eval_checks"})
-HASH_STABLE_FIELDS = HASH_STABLE_FIELDS | EVALUATION_FIELDS
 _FIELD_TYPES = typing.get_type_hints(RunConfig)
 _DICT_FIELDS = frozenset(k for k, t in _FIELD_TYPES.items()
                          if t is dict or dict in typing.get_args(t))

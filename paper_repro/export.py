@@ -38,7 +38,8 @@ import torch
 
 from . import results
 from .checkpoints import BEST_FILE, load_weights
-from .config import RunConfig, build_config, list_experiments, load_experiment
+from .config import (NOT_RECIPE_FIELDS, RunConfig, build_config, list_experiments,
+                     load_experiment)
 from .data import dataset_info
 from .errors import CheckpointError, ConfigError, ReproError
 from .models import ImageClassifier, build_model, create_model
@@ -49,11 +50,6 @@ EXPORT_FORMAT = 1  # model_info.json's `export_format`; a newer one is refused
 WEIGHTS, INFO, CARD = "model.safetensors", "model_info.json", "README.md"
 SELECT = {"final": "checkpoint.pt", "best": BEST_FILE}
 PAPER_LINK = "https://arxiv.org/abs/2012.13628"  # Jeddi, Shafiee & Wong 2020
-# Test-split sizes: clean accuracy is measured on the whole split (evaluation.py); a streamed
-# dataset (ImageNet) measures it on the fixed subset of eval_n images instead.
-_TEST_SET_SIZE = {"fashion-mnist": 10_000, "cifar10": 10_000, "cifar100": 10_000}
-_NOT_RECIPE = {"experiment", "row", "scale", "seed", "device", "results_dir", "data_root",
-               "deterministic", "max_steps", "aa_n", "eval_checks"}
 
 
 def _trained_network(cfg: RunConfig, checkpoint: Path) -> ImageClassifier:
@@ -331,7 +327,9 @@ def model_info(cfg: RunConfig, stored: dict[str, Any], record: dict[str, Any],
     alpha = record.get("eval_alpha") or cfg.eval_alpha_value
     train_eps = record.get("train_eps")
     aa_n = int(record["aa_n"]) if record.get("aa_acc") is not None else 0
-    clean_n = _TEST_SET_SIZE.get(cfg.dataset) if info.in_memory else record.get("eval_n")
+    # clean accuracy is measured on the whole test split (evaluation.py); a streamed dataset
+    # (ImageNet) measures it on the fixed subset of eval_n images instead
+    clean_n = info.test_size if info.in_memory else record.get("eval_n")
     protocol = (f"clean accuracy on the full test set; PGD-{steps} (L∞, ε = {_eps_text(cfg.eps)}, "
                 f"α = {alpha:g}, one random start, eval mode, fp32) on a fixed subset of "
                 f"{record.get('eval_n')} test images (load_test_images(run, subset='pgd'))"
@@ -383,7 +381,7 @@ def model_info(cfg: RunConfig, stored: dict[str, Any], record: dict[str, Any],
                      "train_flops": record.get("train_flops"),
                      "pretrain_source": record.get("pretrain_source") or None,
                      "recipe": {k: v for k, v in stored.items()
-                                if k not in _NOT_RECIPE and k != "config_hash"}},
+                                if k not in NOT_RECIPE_FIELDS and k != "config_hash"}},
         "model": {**arch, "arch": cfg.arch, "num_classes": info.num_classes,
                   "in_channels": info.channels, "image_size": info.size,
                   "model_args": cfg.model_args,

@@ -14,9 +14,10 @@ the budget cuts the least useful pieces:
 4. The bench pairs again, compiled (torch.compile, inductor), in the order of PAIRS, until
    the budget runs out: compiling a wide ResNet takes a minute or more.
 It writes results/bench/<gpu>.json (the bench entries, merged as `bench` merges them, and a
-"gpucheck" section) and prints a table: images/s eager and compiled, s/epoch and MFU of the
-faster, and the hours each Table 1 row would take at paper scale (its epochs × its per-epoch
-time; AFT rows add their 200-epoch natural pre-training, AFT(+500K)'s on 550,000 images).
+"gpucheck" section: what ran, was skipped, failed, with each failed piece's traceback) and
+prints a table: images/s eager and compiled, s/epoch and MFU of the faster, and the hours
+each Table 1 row would take at paper scale (its epochs × its per-epoch time; AFT rows add
+their 200-epoch natural pre-training, AFT(+500K)'s on 550,000 images).
 
 Budget (`--budget-s`, default 420 s after the imports): a piece starts only if its minimum
 time fits; a piece still running at the deadline is interrupted (SIGALRM: Python code, a
@@ -39,13 +40,16 @@ import dataclasses
 import signal
 import subprocess
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
 from . import bench, fastpath, results
+from .data import dataset_info
 from .errors import ConfigError
+from .gpus import gpu_of
 
 # Table 1's (method, paper-scale architecture) pairs, in the order compiled benches run
 # (experiments/table1.toml rows.paper); natural on WRN-28-10 is AFT's pre-training.
@@ -83,7 +87,8 @@ class Scale:
 
 
 GPU = Scale(arch=None, model_args={}, batch=BATCH, warmup=3, steps=10, repeats=2,
-            epoch_images=50_000, check_images=5_000, compile_backend="inductor",
+            epoch_images=dataset_info("cifar10").train_size, check_images=5_000,
+            compile_backend="inductor",
             compiled_pairs=len(PAIRS), min_bench_s=15, min_compiled_s=60, min_epoch_s=60,
             check_reserve_s=30)
 TINY = Scale(arch="cnn-small", model_args={"width": 4}, batch=8, warmup=1, steps=1, repeats=1,
@@ -139,6 +144,8 @@ class Report:
     bf16_check: dict[str, Any] | None = None
     skipped: list[str] = dataclasses.field(default_factory=list)
     failed: list[str] = dataclasses.field(default_factory=list)
+    # piece -> its traceback: a GPU lease is scarce, the JSON must say where a piece broke
+    tracebacks: dict[str, str] = dataclasses.field(default_factory=dict)
     out_of_time: bool = False
 
 
@@ -156,9 +163,11 @@ def _run_piece(name: str, min_s: float, budget: Budget, report: Report,
         report.skipped.append(f"{name} (cut off at the deadline)")
     except torch.OutOfMemoryError:
         report.failed.append(f"{name}: out of device memory")
+        report.tracebacks[name] = traceback.format_exc()
         torch.cuda.empty_cache()
     except Exception as e:  # one broken piece must not lose the others' measurements
         report.failed.append(f"{name}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+        report.tracebacks[name] = traceback.format_exc()
 
 
 # --- learnable synthetic CIFAR-shaped data ----------------------------------------------------
@@ -283,6 +292,7 @@ def table1_hours(report: Report) -> list[dict[str, Any]]:
     """Each Table 1 row: its epochs × its per-epoch time (the faster of eager and compiled),
     plus an AFT row's natural pre-training; None where a needed pair was not measured."""
     from .config import load_experiment, resolve_row
+    from .data.registry import EXTRA_DATA
     from .methods import get_method
     from .pipeline import pretrain_config
 
@@ -296,7 +306,7 @@ def table1_hours(report: Report) -> list[dict[str, Any]]:
                                "epochs": cfg.epochs, "recipe_batch": cfg.batch_size}
         hours = None
         if best is not None:
-            images = bench.TRAIN_IMAGES[cfg.dataset]
+            images = dataset_info(cfg.dataset).train_size
             hours = cfg.epochs * images / best["images_per_s"] / 3600
             row.update(mode="compiled" if best["compile"] else "eager",
                        images_per_s=best["images_per_s"],
@@ -305,8 +315,8 @@ def table1_hours(report: Report) -> list[dict[str, Any]]:
         if cfg.pretrain is not None and hours is not None:
             pre = pretrain_config(cfg)
             pre_best = _fastest(report, "natural", pre.arch)
-            images = bench.TRAIN_IMAGES[pre.dataset] + (
-                bench.TRAIN_IMAGES.get(pre.extra_data, 0) if pre.extra_data else 0)
+            extra = EXTRA_DATA.get(pre.extra_data or "")  # pseudo-label: in the subset's count
+            images = dataset_info(pre.dataset).train_size + (extra.train_size if extra else 0)
             row.update(pretrain_epochs=pre.epochs, pretrain_images=images,
                        pretrain_images_per_s=None if pre_best is None else
                        pre_best["images_per_s"])
@@ -353,7 +363,10 @@ def _gpu_info(device: torch.device) -> dict[str, Any]:
     if device.type != "cuda":
         return {"device": bench.device_name(device)}
     props = torch.cuda.get_device_properties(device)
+    gpu = gpu_of(props.name)
     info: dict[str, Any] = {"device": props.name,
+                            "plan_gpu": None if gpu is None else gpu.name,  # plan --gpu NAME
+                            "peak_tflops": None if gpu is None else gpu.peak_tflops,
                             "memory_gib": round(props.total_memory / 2**30, 1),
                             "sms": props.multi_processor_count, "cuda": torch.version.cuda}
     try:
@@ -414,7 +427,8 @@ def main(args: argparse.Namespace) -> int:
         "elapsed_s": round(budget.elapsed(), 1), "torch": torch.__version__,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "batch": scale.batch,
         "pgd10_epoch": report.epoch, "bf16_vs_fp32_pgd20": report.bf16_check,
-        "table1_hours": rows, "skipped": report.skipped, "failed": report.failed}
+        "table1_hours": rows, "skipped": report.skipped, "failed": report.failed,
+        "failed_tracebacks": report.tracebacks}
     path.parent.mkdir(parents=True, exist_ok=True)
     results.atomic_write_json(path, data)
     print(format_table(report, rows))

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from . import results
 from .checkpoints import load_weights
-from .config import RunConfig, build_config
+from .config import PRETRAIN_INHERITED_FIELDS, RunConfig, build_config
 from .data import DatasetInfo
 from .environment import resolve_device
 from .errors import CheckpointError, ReproError
@@ -35,12 +35,7 @@ def pretrain_config(cfg: RunConfig) -> RunConfig:
     model, then the row's `pretrain` overrides. Stored under pretrain/<hash> and reused. It
     holds out the row's validation images too (val_n), so no run of the graph trains on them."""
     recipe = get_method("natural").recipe
-    inherited = {k: getattr(cfg, k) for k in (
-        "dataset", "data_root", "train_subset", "val_n", "arch", "model_args", "seed", "device",
-        "deterministic",
-        "results_dir", "eval_steps", "eval_alpha", "eval_n", "eval_batch", "monitor_n",
-        "monitor_steps", "eps", "augment_pad", "augment_flip", "max_steps",
-        "precision", "channels_last", "compile", "eval_checks")}
+    inherited = {k: getattr(cfg, k) for k in PRETRAIN_INHERITED_FIELDS}  # declared on RunConfig
     return build_config(("natural recipe", recipe), ("AFT row", inherited),
                         ("no AutoAttack on a pre-training", {"aa_n": 0}),
                         ("pretrain", cfg.pretrain or {}), experiment="pretrain", row="pretrain",

@@ -19,7 +19,8 @@ every run it needs first, AFT's natural pre-training and self-training's teacher
   9 × 100 + FAB-T 9 × 100 iterations (each costed as a PGD step) and Square's 5,000 queries
   (forward passes), as if every image survived to Square (each attack runs only on the images
   still robust, so the real cost is lower);
-- GPU-hours = FLOPs ÷ (the GPU's dense bf16 datasheet peak × MFU). MFU is the one `bench`
+- GPU-hours = FLOPs ÷ (the GPU's dense bf16 datasheet peak × MFU), the peak from gpus.py (the
+  table bench measures MFU against; `--gpu h100-pcie` for a PCIe card). MFU is the one `bench`
   measured for that (method, architecture) on that GPU where results/bench holds it, else the
   stated default per architecture below. With --gpus-per-job N, a job's wall time is its
   GPU-hours ÷ N (data parallel, assuming linear scaling).
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -37,22 +37,19 @@ from typing import Sequence
 import torch
 
 from . import results
-from .bench import TRAIN_IMAGES, make_bench
+from .bench import make_bench
 from .config import RunConfig
 from .data import dataset_info
+from .data.registry import EXTRA_DATA
 from .errors import ConfigError
 from .evaluation import VAL_STEPS, pgd_attack
 from .flops import TotalFlopCounter
+from .gpus import get_gpu, gpu_of
 from .methods import get_method
 from .models import build_model
 from .pipeline import plan as run_graph
 
 PROBE_BATCH = 2  # images per counted minibatch (BatchNorm needs more than one)
-TEST_IMAGES = {"cifar10": 10_000, "cifar100": 10_000, "fashion-mnist": 10_000}
-IMAGENET_VAL = 50_000  # a streamed dataset is evaluated on a fixed subset of eval_n of these
-# dense bf16 tensor-core peaks, TFLOP/s (performance.md §1); V100 has no bf16: its fp16 peak
-GPU_PEAK_TFLOPS = {"h100": 989.4, "h200": 989.4, "a100": 312.0, "v100": 125.0}
-GPU_NAME_PATTERN = {"h100": r"H100", "h200": r"H200", "a100": r"A100", "v100": r"V100"}
 # MFU where bench has not measured the GPU (performance.md §5.1 anchors: tuned small convnets
 # 25-36% on A100, standard ResNet-18 training ~25%, ResNet-50 on ImageNet ~17-19%)
 DEFAULT_MFU = {"wrn": 0.25, "preact-resnet18": 0.25, "resnet50": 0.17}
@@ -82,15 +79,13 @@ class RunCost:
 
 def train_images(cfg: RunConfig) -> int:
     """The run's training images per epoch, as the runner's data/splits.py builds them."""
-    if cfg.dataset not in TRAIN_IMAGES:
-        raise ConfigError(f"plan: no training-set size known for '{cfg.dataset}'")
-    n = TRAIN_IMAGES[cfg.dataset] if cfg.train_subset is None else cfg.train_subset
+    n = dataset_info(cfg.dataset).train_size if cfg.train_subset is None else cfg.train_subset
     if cfg.train_subset is None:  # the validation images leave the full training set
         n -= cfg.val_n
     if cfg.extra_data == "pseudo-label":
         n += cfg.extra_data_n
     elif cfg.extra_data == "ti500k":
-        n += TRAIN_IMAGES["ti500k"]
+        n += EXTRA_DATA["ti500k"].train_size
     return n
 
 
@@ -144,7 +139,10 @@ def cost_of(cfg: RunConfig, run_path: str, gpu: str, mfu: float | None,
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
     attack = attack_flops_per_image(cfg)
-    test_n = TEST_IMAGES.get(cfg.dataset) or min(cfg.eval_n or IMAGENET_VAL, IMAGENET_VAL)
+    info = dataset_info(cfg.dataset)
+    # a streamed dataset (ImageNet) is evaluated on a fixed subset of eval_n of its test images
+    test_n = info.test_size if info.in_memory else min(cfg.eval_n or info.test_size,
+                                                        info.test_size)
     eval_n = test_n if cfg.eval_n is None else min(cfg.eval_n, test_n)
     monitor = attack["forward"] * test_n
     if cfg.monitor_n > 0 and cfg.monitor_steps > 0:
@@ -180,7 +178,8 @@ def measured_mfu(gpu: str, bench_dir: Path) -> dict[tuple[str, str], float]:
     for path in sorted(bench_dir.glob("*.json")):
         data = results.read_json(path) or {}
         for entry in data.get("entries", []) if isinstance(data, dict) else []:
-            if re.search(GPU_NAME_PATTERN[gpu], str(entry.get("device", ""))) and \
+            measured_on = gpu_of(str(entry.get("device", "")))
+            if measured_on is not None and measured_on.name == gpu and \
                     entry.get("mfu_datasheet"):
                 key = (entry["method"], entry["arch"])
                 out[key] = max(out.get(key, 0.0), float(entry["mfu_datasheet"]))
@@ -190,15 +189,14 @@ def measured_mfu(gpu: str, bench_dir: Path) -> dict[tuple[str, str], float]:
 def plan_costs(configs: Sequence[RunConfig], gpu: str, *, mfu: float | None = None,
                bench_dir: Path = Path("results/bench")) -> list[RunCost]:
     """The cost of every run of the configs' graph, prerequisites first (each once)."""
-    if gpu not in GPU_PEAK_TFLOPS:
-        raise ConfigError(f"plan: unknown GPU '{gpu}' (known: {', '.join(GPU_PEAK_TFLOPS)})")
+    peak = get_gpu(gpu).peak_tflops  # an unknown name: one line listing the known ones
     if mfu is not None and not 0 < mfu <= 1:
         raise ConfigError(f"plan: --mfu must be in (0, 1], got {mfu}")
     measured = measured_mfu(gpu, bench_dir)
     costs = []
     for run in run_graph(configs).values():
         cost = cost_of(run.cfg, run.run_path, gpu, mfu, measured)
-        cost.gpu_hours = cost.total_flops / (GPU_PEAK_TFLOPS[gpu] * 1e12 * cost.mfu) / 3600
+        cost.gpu_hours = cost.total_flops / (peak * 1e12 * cost.mfu) / 3600
         costs.append(cost)
     return costs
 
@@ -222,7 +220,7 @@ def render(costs: Sequence[RunCost], gpu: str, gpus_per_job: int = 1) -> str:
                      if c.total_flops)
     return (tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=".3g") + "\n\n"
             f"{len(costs)} runs, {total[0] / pf:.4g} PFLOP, {total[1]:.4g} GPU-hours on "
-            f"{gpu} at {GPU_PEAK_TFLOPS[gpu]:g} TFLOP/s × MFU, AutoAttack as an upper bound "
+            f"{gpu} at {get_gpu(gpu).peak_tflops:g} TFLOP/s × MFU, AutoAttack as an upper bound "
             f"({without_aa:.4g} GPU-hours without AutoAttack).")
 
 
@@ -233,9 +231,8 @@ def this_gpu() -> str | None:
     """The plan's name of this machine's GPU (h100, a100...), or None (none, or not known)."""
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((key for key, pattern in GPU_NAME_PATTERN.items() if re.search(pattern, name)),
-                None)
+    gpu = gpu_of(torch.cuda.get_device_name())
+    return None if gpu is None else gpu.name
 
 
 def local_estimate(configs: Sequence[RunConfig], slots, *,

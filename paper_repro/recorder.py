@@ -85,7 +85,10 @@ class Recorder:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ReproError(f"cannot create {self.directory}: {e.strerror}") from None
-        locks.enter_context(results.run_lock(self.directory))
+        if not locks.enter_context(results.run_lock(self.directory)):
+            # unguarded (run_lock warned): every record of this start says so; the runner's
+            # final record is built on this same base record
+            self.base_record["locked"] = False
         return results.read_record(self.directory)
 
     def start(self) -> None:

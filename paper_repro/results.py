@@ -29,6 +29,7 @@ import functools
 import io
 import json
 import os
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -199,19 +200,27 @@ def remove_stale_temps(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(directory: Path) -> Iterator[None]:
+def run_lock(directory: Path) -> Iterator[bool]:
     """Hold an exclusive lock on a run folder while training it; a second process training
-    the same run is refused. The kernel releases it when the holder dies, even by SIGKILL."""
+    the same run is refused. The kernel releases it when the holder dies, even by SIGKILL.
+
+    Yields whether the folder is locked: on a file system that cannot take a lock (some NFS
+    mounts, where SLURM jobs share a store) the run trains unguarded, said in one warning line
+    on stderr, and False lets the recorder put `locked: false` in the record."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             raise ReproError(f"{directory} is being trained by another process; wait for it "
                              "or stop it (`status` shows the run as running)") from None
-        except OSError:
-            pass  # a file system without locks (some NFS mounts): train unguarded
-        yield
+        except OSError as e:
+            locked = False
+            print(f"warning: cannot lock {directory} ({e.strerror or e}): the file system "
+                  "takes no locks, so nothing stops a second process training this run "
+                  "(its record says locked: false)", file=sys.stderr, flush=True)
+        yield locked
     finally:
         os.close(fd)
 

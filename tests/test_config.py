@@ -173,3 +173,33 @@ def test_run_of_one_row_trains_one_seed_unless_asked(monkeypatch):
     argv = ["run", "--experiment", "table1", "--row", "natural", "--scale", "cpu"]
     assert cli.main(argv) == 0 and trained == [0]
     assert cli.main([*argv, "--seeds", "2"]) == 0 and trained == [0, 0, 1]
+
+
+def test_field_roles_declared_on_runconfig_derive_the_old_lists():
+    """The roles of the config fields are declared once, on RunConfig (field metadata); the
+    lists config.py, pipeline.py and export.py kept by hand (written here as they were) are
+    derived from them, unchanged. A new field must be declared hash-stable (or say otherwise
+    here): the always-hashed fields are the ones the stored results were hashed with."""
+    from paper_repro import config
+
+    assert config._EXECUTION_FIELDS == {"device", "results_dir", "data_root"}
+    assert config.EVALUATION_FIELDS == {"aa_n", "eval_checks"}
+    assert config.HASH_STABLE_FIELDS == {"train_eps", "precision", "channels_last", "compile",
+                                         "val_n", "aa_n", "eval_checks"}
+    assert set(config.PRETRAIN_INHERITED_FIELDS) == {
+        "dataset", "data_root", "train_subset", "val_n", "arch", "model_args", "seed", "device",
+        "deterministic", "results_dir", "eval_steps", "eval_alpha", "eval_n", "eval_batch",
+        "monitor_n", "monitor_steps", "eps", "augment_pad", "augment_flip", "max_steps",
+        "precision", "channels_last", "compile", "eval_checks"}
+    assert len(set(config.PRETRAIN_INHERITED_FIELDS)) == len(config.PRETRAIN_INHERITED_FIELDS)
+    assert config.NOT_RECIPE_FIELDS == {  # export.py's model_info "recipe" leaves these out
+        "experiment", "row", "scale", "seed", "device", "results_dir", "data_root",
+        "deterministic", "max_steps", "aa_n", "eval_checks"}
+    assert set(config._fields_where(hashed="always")) == {
+        "experiment", "row", "scale", "seed", "method", "method_args", "dataset", "train_subset",
+        "extra_data", "extra_data_n", "extra_data_path", "batch_size", "augment_pad",
+        "augment_pad_mode", "augment_pad_value", "augment_flip", "drop_last", "arch",
+        "model_args", "init", "pretrain", "epochs", "optimizer", "lr", "momentum", "nesterov",
+        "weight_decay", "wd_scope", "schedule", "schedule_args", "eps", "eval_steps",
+        "eval_alpha", "eval_n", "eval_batch", "monitor_n", "monitor_steps", "deterministic",
+        "max_steps"}

@@ -453,3 +453,28 @@ def test_bad_augment_and_arrays_are_rejected():
         ArrayLoader(images, labels[:3], batch_size=2, shuffle=False)
     with pytest.raises(ConfigError):
         ArrayLoader(images, labels, batch_size=0, shuffle=False)
+
+
+def test_split_sizes_are_typed_once_on_the_registry():
+    """Train/test image counts live on DatasetInfo (issue 24): plan, bench, gpucheck and export
+    read them there, and none of them types a count again."""
+    import inspect
+
+    from paper_repro import bench, export, gpucheck, plan
+    from paper_repro.config import build_config
+    from paper_repro.data.registry import EXTRA_DATA
+
+    sizes = {n: (data.dataset_info(n).train_size, data.dataset_info(n).test_size)
+             for n in data.list_datasets()}
+    assert sizes == {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000),
+                     "fashion-mnist": (60_000, 10_000), "imagenet": (1_281_167, 50_000)}
+    assert EXTRA_DATA["ti500k"].train_size == 500_000
+    for name in data.list_datasets():  # plan's training images per epoch derive from them
+        assert plan.train_images(build_config(("t", {"dataset": name}))) == sizes[name][0]
+    with_ti500k = build_config(("t", {"dataset": "cifar10", "extra_data": "ti500k", "val_n": 10}))
+    assert plan.train_images(with_ti500k) == 50_000 - 10 + 500_000
+    assert gpucheck.GPU.epoch_images == 50_000
+    for module in (bench, export, gpucheck, plan):
+        source = inspect.getsource(module)
+        for count in ("1_281_167", "500_000", "60_000", "50_000", "10_000"):
+            assert count not in source, (module.__name__, count)

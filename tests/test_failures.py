@@ -7,6 +7,7 @@ its final metrics must equal those of an uninterrupted run exactly (deterministi
 """
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -165,6 +166,28 @@ def test_a_run_being_trained_is_not_trained_twice(tmp_path, cifar_root):
             runner.train(cfg, quiet=True)
     assert not results.is_locked(directory)
     assert runner.train(cfg, quiet=True)["status"] == results.STATUS_DONE
+
+
+def test_a_store_that_cannot_lock_warns_once_and_the_record_says_so(tmp_path, monkeypatch,
+                                                                    capsys):
+    """A file system without locks (some NFS mounts): the run trains unguarded, says so in one
+    warning line, and its record has `locked: false`; a locked run's record has no such key."""
+    locked_run = runner.train(tiny_config(tmp_path / "locks", epochs=1), quiet=True)
+    assert "locked" not in locked_run
+    capsys.readouterr()
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(results.fcntl, "flock", no_locks)
+    cfg = tiny_config(tmp_path / "nfs", epochs=1)
+    record = runner.train(cfg, quiet=True)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "lock" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: cannot lock")
+    assert os.strerror(errno.ENOLCK) in warnings[0]
+    stored = results.read_record(results.run_dir(cfg.results_dir, cfg.run_path))
+    assert record["status"] == stored["status"] == results.STATUS_DONE
+    assert record["locked"] is stored["locked"] is False
 
 
 # --- divergence ------------------------------------------------------------------------------

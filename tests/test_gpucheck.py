@@ -132,6 +132,24 @@ def test_a_failing_piece_is_reported_and_the_others_still_run():
     ran = []
     gpucheck._run_piece("next", 0, budget, report, lambda: ran.append(1))
     assert ran and report.failed == ["broken: ZeroDivisionError: division by zero"]
+    assert "ZeroDivisionError" in report.tracebacks["broken"] and "next" not in report.tracebacks
+
+
+def test_a_failed_piece_leaves_its_traceback_in_the_json(tmp_path, monkeypatch, capsys):
+    """A GPU lease is scarce: the JSON keeps where each failed piece broke, not only its name."""
+    def broken_bench(*args, **kwargs):
+        raise RuntimeError("cuDNN refused the convolution")
+
+    monkeypatch.setattr(gpucheck, "_measure", broken_bench)
+    assert main(["gpucheck", "--device", "cpu", "--tiny", "--results-dir", str(tmp_path)]) == 1
+    capsys.readouterr()
+    check = json.loads((tmp_path / "bench" / "cpu-tiny.json").read_text())["gpucheck"]
+    piece = "bench aft wrn-28-10 eager"
+    assert f"{piece}: RuntimeError: cuDNN refused the convolution" in check["failed"]
+    text = check["failed_tracebacks"][piece]
+    assert text.startswith("Traceback (most recent call last)") and "broken_bench" in text
+    assert text.rstrip().endswith("RuntimeError: cuDNN refused the convolution")
+    assert set(check["failed_tracebacks"]) == {f.split(": ")[0] for f in check["failed"]}
 
 
 def test_class_pattern_images_are_learnable_and_survive_flips():

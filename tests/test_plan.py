@@ -18,7 +18,8 @@ from paper_repro.models import build_model
 from paper_repro.cli import main
 from paper_repro.config import load_experiment, resolve_row
 from paper_repro.methods import get_method
-from paper_repro.plan import GPU_PEAK_TFLOPS, plan_costs, render
+from paper_repro.gpus import get_gpu
+from paper_repro.plan import plan_costs, render
 
 TABLE1 = load_experiment("table1")
 
@@ -41,7 +42,7 @@ def test_planned_steps_and_flops_are_what_the_run_records(tmp_path, row):
         record = results.read_record(results.run_dir(tmp_path, cost.run_path))
         assert (cost.steps, cost.train_flops) == (record["steps_done"], record["train_flops"])
         assert cost.mfu_source == "default" and cost.gpu_hours == pytest.approx(
-            cost.total_flops / (GPU_PEAK_TFLOPS["h100"] * 1e12 * cost.mfu) / 3600)
+            cost.total_flops / (get_gpu("h100").peak_tflops * 1e12 * cost.mfu) / 3600)
     # the final evaluation's FLOPs, counted on the trained model, are the planned ones too
     directory = results.run_dir(tmp_path, cfg.run_path)
     model = build_model(cfg, dataset_info(cfg.dataset))

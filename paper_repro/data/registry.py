@@ -21,6 +21,9 @@ class DatasetInfo:
     std: tuple[float, ...]
     class_names: tuple[str, ...]  # empty for imagenet: its 1000 classes are the folder names (wnids)
     in_memory: bool  # True: whole set fits as one uint8 tensor (load_arrays + ArrayLoader)
+    # split sizes, the one place they are typed (bench's epochs, plan's costs, export's counts)
+    train_size: int  # images of the training split (ImageNet: train; ti500k: all of them)
+    test_size: int   # images of the test split (ImageNet: val; 0: no test split)
 
 
 CIFAR10_CLASSES = (
@@ -50,14 +53,20 @@ _DATASETS: dict[str, DatasetInfo] = {
     for info in (
         # CIFAR-10 mean/std as in Rice / Fast AT (baselines_spec.md, [RO] utils.py L17-18).
         DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616),
-                    CIFAR10_CLASSES, in_memory=True),
+                    CIFAR10_CLASSES, in_memory=True, train_size=50_000, test_size=10_000),
         DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
-                    _CIFAR100_CLASSES, in_memory=True),
+                    _CIFAR100_CLASSES, in_memory=True, train_size=50_000, test_size=10_000),
         DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,),
-                    _FASHION_MNIST_CLASSES, in_memory=True),
+                    _FASHION_MNIST_CLASSES, in_memory=True, train_size=60_000, test_size=10_000),
         DatasetInfo("imagenet", 1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                    (), in_memory=False),
+                    (), in_memory=False, train_size=1_281_167, test_size=50_000),
     )
+}
+# Extra training data (RunConfig.extra_data), not a dataset of its own: Carmon et al.'s
+# pseudo-labelled 500K Tiny Images, CIFAR-10's classes ("pseudo-label" is sized by extra_data_n).
+EXTRA_DATA: dict[str, DatasetInfo] = {
+    "ti500k": DatasetInfo("ti500k", 10, 3, 32, (), (), CIFAR10_CLASSES, in_memory=True,
+                          train_size=500_000, test_size=0),
 }
 
 

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import torch
 
-from paper_repro.data.registry import CIFAR10_CLASSES, DatasetInfo, check_arrays, one_line
+from paper_repro.data.registry import EXTRA_DATA, check_arrays, one_line
 from paper_repro.errors import DataError
 
 
@@ -53,7 +53,7 @@ def load_ti500k(path: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise DataError(
             f"ti500k: 'extrapolated_targets' in {path} is not a list of integers ({one_line(exc)})"
         ) from exc
-    info = DatasetInfo("ti500k", 10, 3, 32, (), (), CIFAR10_CLASSES, in_memory=True)
+    info = EXTRA_DATA["ti500k"]
     check_arrays(info, images, labels, path)
     return images.contiguous(), labels
 
