@@ -221,7 +221,7 @@ def _in_process(configs: Sequence[RunConfig], outcome: Outcome,
 
 
 class _Pool:
-    """K submitit local jobs at a time, in the graph's order."""
+    """K submitit local jobs at a time, ready runs in `_critical_first` order."""
 
     def __init__(self, todo: dict[Path, pipeline.PlannedRun], slots: Slots, outcome: Outcome,
                  say: Callable[[str], None]) -> None:
