@@ -8,8 +8,9 @@ Resolution order (later wins), the same for every run:
   5. CLI overrides
 Dict-valued keys (method_args, schedule_args, model_args, pretrain) merge key by key.
 The result is frozen; `config_hash()` identifies it (execution-only fields excluded).
-(Over 400 lines: the fields, their validation and the experiment files that resolve into them
-are one path from TOML to a frozen config, kept in one file.)
+(Over 400 lines: the fields with their roles (hash, evaluation, execution, inherited by a
+pre-training), their validation and the experiment files that resolve into them are one path
+from TOML to a frozen config, kept in one file.)
 """
 from __future__ import annotations
 

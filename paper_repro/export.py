@@ -315,7 +315,6 @@ def model_info(cfg: RunConfig, stored: dict[str, Any], record: dict[str, Any],
                model: ImageClassifier, select: str) -> dict[str, Any]:
     """model_info.json without its `weights` entry (which describes the written file)."""
     from .data import dataset_info
-    from .evaluation import AA_ATTACKS
 
     info = dataset_info(cfg.dataset)
     # the record's numbers are the final model's, and the best epoch's as best_* (evaluation.py)
@@ -330,24 +329,8 @@ def model_info(cfg: RunConfig, stored: dict[str, Any], record: dict[str, Any],
     # clean accuracy is measured on the whole test split (evaluation.py); a streamed dataset
     # (ImageNet) measures it on the fixed subset of eval_n images instead
     clean_n = info.test_size if info.in_memory else record.get("eval_n")
-    protocol = (f"clean accuracy on the full test set; PGD-{steps} (L∞, ε = {_eps_text(cfg.eps)}, "
-                f"α = {alpha:g}, one random start, eval mode, fp32) on a fixed subset of "
-                f"{record.get('eval_n')} test images (load_test_images(run, subset='pgd'))"
-                + (f"; standard AutoAttack ({record.get('aa_package')}: {AA_ATTACKS}) on a "
-                   f"fixed {aa_n} of them (load_test_images(run, subset='aa'); not the "
-                   f"first {aa_n} of the PGD images)" if aa_n else "; AutoAttack not run"))
-    footnote = "" if cfg.scale == "paper" else (
-        f"{cfg.scale}-scale stand-in, not the paper's setting: {cfg.dataset}, {cfg.arch} "
-        "(see the experiment file paper_repro/experiments/"
-        f"{cfg.experiment}.toml). ")
-    if not measured:
-        footnote += ("Weights of the run's best epoch (best.pt): the record's accuracies are the "
-                     "final model's, so none are given here. ")
-    elif select == "best":
-        footnote += (f"Weights of the run's best epoch ({record['best_epoch']} of "
-                     f"{record.get('epochs_done')}: the highest PGD-{record.get('val_steps')} "
-                     f"accuracy on {record.get('val_n')} validation images held out of "
-                     "training). ")
+    protocol = _protocol(cfg, record, steps, alpha, aa_n)
+    footnote = _footnote(cfg, record, select, measured)
     arch = _architecture(cfg, info.num_classes, info.channels)
     return {
         "export_format": EXPORT_FORMAT,
@@ -392,6 +375,36 @@ def model_info(cfg: RunConfig, stored: dict[str, Any], record: dict[str, Any],
         "config_hash": stored.get("config_hash"),
         "cell_hash": record.get("cell_hash"),
     }
+
+
+def _protocol(cfg: RunConfig, record: dict[str, Any], steps: int, alpha: float,
+              aa_n: int) -> str:
+    """The evaluation protocol in one sentence, naming the images a user can load again."""
+    from .evaluation import AA_ATTACKS
+
+    return (f"clean accuracy on the full test set; PGD-{steps} (L∞, ε = {_eps_text(cfg.eps)}, "
+            f"α = {alpha:g}, one random start, eval mode, fp32) on a fixed subset of "
+            f"{record.get('eval_n')} test images (load_test_images(run, subset='pgd'))"
+            + (f"; standard AutoAttack ({record.get('aa_package')}: {AA_ATTACKS}) on a "
+               f"fixed {aa_n} of them (load_test_images(run, subset='aa'); not the "
+               f"first {aa_n} of the PGD images)" if aa_n else "; AutoAttack not run"))
+
+
+def _footnote(cfg: RunConfig, record: dict[str, Any], select: str, measured: bool) -> str:
+    """What a reader must know before comparing: a stand-in, and which epoch's weights."""
+    footnote = "" if cfg.scale == "paper" else (
+        f"{cfg.scale}-scale stand-in, not the paper's setting: {cfg.dataset}, {cfg.arch} "
+        "(see the experiment file paper_repro/experiments/"
+        f"{cfg.experiment}.toml). ")
+    if not measured:
+        footnote += ("Weights of the run's best epoch (best.pt): the record's accuracies are the "
+                     "final model's, so none are given here. ")
+    elif select == "best":
+        footnote += (f"Weights of the run's best epoch ({record['best_epoch']} of "
+                     f"{record.get('epochs_done')}: the highest PGD-{record.get('val_steps')} "
+                     f"accuracy on {record.get('val_n')} validation images held out of "
+                     "training). ")
+    return footnote
 
 
 def model_card(info: dict[str, Any]) -> str:

@@ -272,9 +272,9 @@ def local_estimate(configs: Sequence[RunConfig], slots, *,
 def _list_schedule(todo: dict, seconds: dict[Path, float], slots: int) -> float:
     """The wall time of the pool's order (pool.py): whenever a slot is free, the first ready run
     of its priority order starts (unknown runs count as zero)."""
-    from .pool import _critical_first
+    from .pool import critical_first
 
-    waiting, finish, now = _critical_first(todo), {}, 0.0
+    waiting, finish, now = critical_first(todo), {}, 0.0
     while waiting:
         busy = sum(end > now for end in finish.values())
         ready = [r for r in waiting

@@ -221,12 +221,12 @@ def _in_process(configs: Sequence[RunConfig], outcome: Outcome,
 
 
 class _Pool:
-    """K submitit local jobs at a time, ready runs in `_critical_first` order."""
+    """K submitit local jobs at a time, ready runs in `critical_first` order."""
 
     def __init__(self, todo: dict[Path, pipeline.PlannedRun], slots: Slots, outcome: Outcome,
                  say: Callable[[str], None]) -> None:
         self.todo, self.slots, self.outcome, self.say = todo, slots, outcome, say
-        self.waiting = _critical_first(todo)
+        self.waiting = critical_first(todo)
         self.running: dict[Path, tuple[Any, tuple[int, ...]]] = {}  # dir -> (job, its GPUs)
         self.free_gpus = list(slots.gpus)
         first = next(iter(todo.values())).cfg
@@ -336,7 +336,7 @@ class _Pool:
             (directory / results.LEDGER).unlink(missing_ok=True)
 
 
-def _critical_first(todo: dict[Path, pipeline.PlannedRun]) -> list[pipeline.PlannedRun]:
+def critical_first(todo: dict[Path, pipeline.PlannedRun]) -> list[pipeline.PlannedRun]:
     """The runs in the order slots go to ready ones: the longest chain of runs waiting on a run
     first (a pre-training that a fine-tune and a student pre-training wait for starts before
     independent rows, so the chain does not end the sweep alone), then the graph's order."""
