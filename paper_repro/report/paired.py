@@ -55,10 +55,15 @@ def per_seed(runs: pd.DataFrame, experiment: str, row_id: str) -> pd.DataFrame:
     return out.set_index("seed")
 
 
+def t_quantile(df: int) -> float:
+    """The two-sided 95% Student-t quantile with `df` degrees of freedom."""
+    return float(stats.t.ppf(0.5 + CONFIDENCE / 2, df))
+
+
 def interval(diffs: pd.Series) -> tuple[float, float, float]:
     """Mean and the 95% Student-t interval of paired differences (n >= 2)."""
     n, mean, sd = len(diffs), float(diffs.mean()), float(diffs.std(ddof=1))
-    half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * sd / math.sqrt(n)
+    half = t_quantile(n - 1) * sd / math.sqrt(n)
     return mean, mean - half, mean + half
 
 

@@ -35,21 +35,16 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from scipy import stats
 
 from .. import results
 from ..config import load_experiment
 from ..errors import ReproError
-from .paired import CONFIDENCE, METRICS, PAIRS, interval, per_seed
+from .paired import METRICS, PAIRS, interval, per_seed, t_quantile
 from .tables import _paper_numbers
 
 COUNT = {"clean_acc": "eval_n", "pgd_acc": "eval_n", "aa_acc": "aa_n"}  # images behind a metric
 PAPER_COLUMN = {"clean_acc": "clean", "pgd_acc": "pgd"}  # results/paper/*.csv; no AA there
 REPRODUCED, DIFFERS, NO_VERDICT = "reproduced", "differs", "no verdict"
-
-
-def _t(df: int) -> float:
-    return float(stats.t.ppf(0.5 + CONFIDENCE / 2, df))
 
 
 def binomial_se(mean_pct: float, n_images: float) -> float:
@@ -65,7 +60,7 @@ def committed_interval(values: pd.Series, k: int, floor: float) -> tuple[float, 
     """(s', low, high): the committed 95% prediction interval for the mean of k new seeds."""
     n, mean = len(values), float(values.mean())
     s = max(float(values.std(ddof=1)), floor)
-    half = _t(n - 1) * s * math.sqrt(1 / n + 1 / k)
+    half = t_quantile(n - 1) * s * math.sqrt(1 / n + 1 / k)
     return s, mean - half, mean + half
 
 
@@ -73,7 +68,7 @@ def rerun_interval(values: pd.Series, floor: float) -> tuple[float, float, float
     """(s', low, high): the re-run's own 95% prediction interval for one new value."""
     k, mean = len(values), float(values.mean())
     s = max(float(values.std(ddof=1)), floor)
-    half = _t(k - 1) * s * math.sqrt(1 + 1 / k)
+    half = t_quantile(k - 1) * s * math.sqrt(1 + 1 / k)
     return s, mean - half, mean + half
 
 
