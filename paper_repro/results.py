@@ -158,8 +158,10 @@ def previous_checkpoint(path: Path) -> Path:
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Save a checkpoint atomically, keeping the one it replaces as checkpoint.prev.pt.
 
-    A crash at any moment leaves checkpoint.pt, checkpoint.prev.pt or both intact; a file
-    torn anyway (a file system that lies about fsync, a copy cut short) is caught by
+    checkpoint.pt exists at every moment once written: the old one gets its second name by a
+    hard link before the new one is renamed over it, so a run stopped mid-save (the pool's
+    Ctrl-C, a SLURM time limit) always leaves a checkpoint.pt to resume from. A file torn
+    anyway (a file system that lies about fsync, a copy cut short) is caught by
     `check_checkpoint` and the previous one is used.
     """
     import torch
@@ -170,11 +172,27 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = _write_temp(path, buffer.getvalue(), fault="checkpoint-write")
     try:
         if path.exists():
-            os.replace(path, previous_checkpoint(path))
+            _keep_as_previous(path)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _keep_as_previous(path: Path) -> None:
+    """Give the current checkpoint the name checkpoint.prev.pt too, without removing either
+    name at any moment: a hard link under a temporary name, renamed over the old previous one.
+    A file system without hard links falls back to a rename (checkpoint.pt is briefly absent;
+    `load_checkpoint` then resumes from checkpoint.prev.pt)."""
+    previous = previous_checkpoint(path)
+    link = path.with_name(f".{path.name}.prev-link{TEMP_SUFFIX}")  # remove_stale_temps's pattern
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError:
+        os.replace(path, previous)
+        return
+    os.replace(link, previous)
 
 
 def check_checkpoint(path: Path) -> str | None:

@@ -146,6 +146,30 @@ def test_a_checkpoint_flipped_in_the_middle_is_detected(tmp_path):
     assert "CRC" in results.check_checkpoint(path)
 
 
+def test_a_save_stopped_between_its_renames_leaves_checkpoint_pt(tmp_path, monkeypatch):
+    """The pool's Ctrl-C can land mid-save: at every moment there is a checkpoint.pt (the old
+    one, until the new one is renamed over it), never only a checkpoint.prev.pt."""
+    path = tmp_path / "checkpoint.pt"
+    results.atomic_torch_save({"model": {"w": torch.zeros(4)}, "epoch": 1}, path)
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        if Path(dst) == path:  # the last step: the new checkpoint over the old one
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        results.atomic_torch_save({"model": {"w": torch.ones(4)}, "epoch": 2}, path)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert torch.load(results.previous_checkpoint(path), weights_only=True)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]
+    results.atomic_torch_save({"model": {"w": torch.ones(4)}, "epoch": 2}, path)
+    assert torch.load(path, weights_only=True)["epoch"] == 2
+    assert torch.load(results.previous_checkpoint(path), weights_only=True)["epoch"] == 1
+
+
 def test_no_usable_checkpoint_is_one_clear_error(tmp_path, cifar_root):
     cfg = _tiny(cifar_root, tmp_path, epochs=1)
     runner.train(cfg, quiet=True)
