@@ -344,6 +344,8 @@ class Experiment:
     time_unit: str = "min"  # the paper's unit for the time column: "min" or "hours"
     kind: str = "table"     # "table" (rendered as a table) or "figure" (its runs feed a figure)
     seeds: dict[str, int] = field(default_factory=dict)  # runs per row a sweep makes, per scale
+    # (row, baseline) pairs whose per-seed differences the table reports (report/paired.py)
+    pairs: tuple[tuple[str, str], ...] = ()
 
     @property
     def row_ids(self) -> list[str]:
@@ -382,7 +384,8 @@ class Experiment:
         return chain
 
 
-_ROW_META = {"id", "label", "method", "paper_row", "note", "view_of", "select", *SCALES}
+_ROW_META = {"id", "label", "method", "paper_row", "note", "view_of", "select", "tuned",
+             *SCALES}
 SELECTS = ("final", "best")  # which checkpoint of a run a table shows (never in the hash)
 _VIEW_KEYS = {"id", "label", "paper_row", "note", "view_of", "select"}
 
@@ -441,7 +444,18 @@ def load_experiment(name_or_path: str) -> Experiment:
                       paper_csv=data.get("paper_csv"), scales=data.get("scales", {}),
                       rows=tuple(_check_views(rows, path)), footnote=data.get("footnote", ""),
                       time_unit=data.get("time_unit", "min"), kind=data.get("kind", "table"),
-                      seeds=_check_seeds(data.get("seeds", {}), path))
+                      seeds=_check_seeds(data.get("seeds", {}), path),
+                      pairs=_check_pairs(data.get("pairs", []), [r["id"] for r in rows], path))
+
+
+def _check_pairs(pairs: Any, row_ids: list[str], path: Path) -> tuple[tuple[str, str], ...]:
+    """`pairs = [["aft", "pgd_at"], ...]`: (row, baseline) pairs of rows of this file."""
+    if not isinstance(pairs, list) or any(
+            not isinstance(p, list) or len(p) != 2 or any(r not in row_ids for r in p)
+            for p in pairs):
+        raise ConfigError(f"{path}: pairs must be a list of [row, baseline] pairs of this "
+                          f"file's rows ({', '.join(row_ids)}); got {pairs!r}")
+    return tuple((row, base) for row, base in pairs)
 
 
 def _check_seeds(seeds: Any, path: Path) -> dict[str, int]:

@@ -133,7 +133,9 @@ def test_evaluation_settings_are_not_part_of_a_runs_identity():
     """AutoAttack and the checks measure a trained model: asking for them (or not) keeps the
     hash, so a done run is re-evaluated from its checkpoint instead of orphaned."""
     cpu = _row("pgd_at", "cpu")
-    assert (cpu.aa_n, cpu.eval_checks, _row("pgd_at", "smoke").aa_n) == (200, True, 0)
+    # all 1,000 PGD images for the rows the paired comparisons use, 200 for the others
+    assert (cpu.aa_n, cpu.eval_checks, _row("pgd_at", "smoke").aa_n) == (1000, True, 0)
+    assert (_row("natural", "cpu").aa_n, _row("natural", "smoke").aa_n) == (200, 0)
     assert _row("pgd_at", "paper").aa_n is None  # all the PGD images, as RobustBench
     off = _row("pgd_at", "cpu", aa_n=0, eval_checks=False)
     assert off.config_hash() == cpu.config_hash() and off.cell_hash() == cpu.cell_hash()

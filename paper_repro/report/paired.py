@@ -19,15 +19,6 @@ from scipy import stats
 from .. import results
 from ..config import load_experiment
 
-# (row, baseline) pairs per table: AFT against the long PGD AT run and its early-stopped view
-PAIRS: dict[str, tuple[tuple[str, str], ...]] = {
-    "table1": (("aft", "pgd_at"), ("aft", "pgd_at_es"), ("aft_500k", "pgd_at"),
-               ("aft_500k", "pgd_at_es")),
-    # does AFT's cheap fine-tune carry over to today's objectives, and is AFT competitive?
-    "modern": (("aft_trades", "trades"), ("aft_trades", "trades_es"), ("aft_trades", "aft"),
-               ("aft_mart", "mart"), ("aft_mart", "mart_es"), ("aft_awp", "at_awp"),
-               ("aft_awp", "at_awp_es"), ("aft", "trades"), ("aft", "trades_es")),
-}
 METRICS = (("clean_acc", "clean"), ("pgd_acc", "PGD-20"), ("aa_acc", "AA"))
 CONFIDENCE = 0.95
 
@@ -75,7 +66,7 @@ def paired_frame(experiment: str, scale: str, results_dir: str | Path = "results
     if runs.empty:
         return pd.DataFrame(lines)
     exp = load_experiment(experiment)
-    for row_id, base_id in PAIRS.get(experiment, ()):
+    for row_id, base_id in exp.pairs:
         row, base = per_seed(runs, experiment, row_id), per_seed(runs, experiment, base_id)
         seeds = sorted(set(row.index) & set(base.index))
         if len(seeds) < 2:
@@ -101,7 +92,7 @@ def paired_frame(experiment: str, scale: str, results_dir: str | Path = "results
 
 def write_paired(experiment: str, scale: str, results_dir: str | Path = "results") -> list[Path]:
     """<table>_paired.{md,csv} when the table has a pair with >= 2 common seeds, else nothing."""
-    if experiment not in PAIRS:
+    if not load_experiment(experiment).pairs:
         return []
     frame = paired_frame(experiment, scale, results_dir)
     if frame.empty:

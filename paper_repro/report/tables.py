@@ -245,9 +245,8 @@ def footnote(name: str, scale: str, df: pd.DataFrame, controlled_arch: str | Non
     exp = load_experiment(name)
     n = sorted({int(v) for v in df.get("eval_n", pd.Series(dtype=float)).dropna()})
     n_text = "/".join(str(v) for v in n) or "?"
-    aa = sorted({v for v in df.get("aa_n", pd.Series(dtype=object)).dropna() if v})
-    aa_text = (f"AA: standard AutoAttack ({AA_PACKAGE}: {AA_ATTACKS}) on {'/'.join(aa)} of "
-               "those images. " if aa else "AA: not run. ")
+    aa_text = (f"AA: standard AutoAttack ({AA_PACKAGE}: {AA_ATTACKS}) on {_aa_counts(df)}. "
+               if _aa_counts(df) else "AA: not run. ")
     text = (f"Protocol: clean accuracy on the full test set; PGD-20 with α = ε/4, one random "
             f"start, eval-mode model, fp32, on {n_text} fixed test images. {aa_text}"
             f"{CHECKS_NOTE}Time: the row's own "
@@ -273,6 +272,21 @@ def footnote(name: str, scale: str, df: pd.DataFrame, controlled_arch: str | Non
     return text
 
 
+def _aa_counts(df: pd.DataFrame) -> str:
+    """On how many of the PGD images AutoAttack ran: "200 of those images", or, where rows
+    differ (AutoAttack on all images for the rows a paired comparison uses), which rows had
+    which count, the largest first."""
+    by_count: dict[str, list[str]] = {}
+    for label, count in zip(df.get("method", []), df.get("aa_n", [])):
+        if isinstance(count, str) and count:
+            by_count.setdefault(count, []).append(str(label))
+    if len(by_count) <= 1:
+        return "/".join(by_count) + " of those images" if by_count else ""
+    ordered = sorted(by_count, key=lambda c: -max(int(v) for v in c.split("/")))
+    return "; ".join(f"{count} of those images for {', '.join(by_count[count])}"
+                     for count in ordered)
+
+
 def write_table(name: str, scale: str, results_dir: str | Path = "results",
                 controlled_arch: str | None = None, select: str = "final") -> dict[str, Path]:
     """results/tables/<scale>/<name>.{md,csv,tex}; with select "best", <name>-best.*, so the
@@ -296,8 +310,11 @@ def write_table(name: str, scale: str, results_dir: str | Path = "results",
     results.atomic_write_text(paths["tex"], tex)
     if select == "final" and not controlled_arch:  # AFT − PGD AT over seeds, where it has seeds
         from .paired import write_paired
+        from .tuning import write_tuning
         for path in write_paired(exp.name, scale, results_dir):
             paths[f"paired_{path.suffix[1:]}"] = path
+        for path in write_tuning(exp.name, scale, results_dir):
+            paths["tuning_md"] = path
     return paths
 
 

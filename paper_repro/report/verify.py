@@ -15,7 +15,7 @@ stated rule rather than by the reader's eye. Per row of the table (view rows suc
   clean and PGD-20, aa_n for AA), so that three seeds that happen to agree do not make a
   0.1-point interval. (Clean accuracy is measured on the whole test set; flooring it at eval_n
   images is the conservative choice.)
-- Paired differences (report/paired.py's PAIRS, e.g. AFT − PGD AT (early stop)): the same rule
+- Paired differences (the experiment file's `pairs`, e.g. AFT − PGD AT (early stop)): the same rule
   on the per-seed differences (seeds common to both rows), with b = √(b_row² + b_baseline²).
   Sign: when the committed 95% interval of the mean difference (paired.interval, as
   <table>_paired.md shows it) excludes 0, the conclusion `holds` if the re-run's mean
@@ -39,7 +39,7 @@ import pandas as pd
 from .. import results
 from ..config import load_experiment
 from ..errors import ReproError
-from .paired import METRICS, PAIRS, interval, per_seed, t_quantile
+from .paired import METRICS, interval, per_seed, t_quantile
 from .tables import _paper_numbers
 
 COUNT = {"clean_acc": "eval_n", "pgd_acc": "eval_n", "aa_acc": "aa_n"}  # images behind a metric
@@ -222,7 +222,7 @@ def _paired_lines(exp: Any, seeds: dict[str, tuple[pd.DataFrame, pd.DataFrame]],
                   on_paper: bool, paper: pd.DataFrame | None) -> list[dict[str, Any]]:
     """The paired differences of the table, compared like cells, and whether their sign holds."""
     lines: list[dict[str, Any]] = []
-    for row_id, base_id in PAIRS.get(exp.name, ()):
+    for row_id, base_id in exp.pairs:
         if row_id not in seeds or base_id not in seeds:
             continue
         (old_row, new_row), (old_base, new_base) = seeds[row_id], seeds[base_id]
