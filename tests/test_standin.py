@@ -88,3 +88,22 @@ def test_table1_aft_fig4_and_the_aft_sweep_fine_tune_one_pre_training():
     hashes = {pretrain_config(_resolved(name, row)).config_hash()
               for name, row in (("table1", "aft"), ("fig4", "i1"), ("aft_sweep", "lr1e-2"))}
     assert len(hashes) == 1
+
+
+def test_the_replica_runs_on_the_second_stand_in_its_stated_rule_picks():
+    """regime.toml's [second_standin]: the cheapest cnn-small setting that meets the criterion
+    in the committed regime runs, else the stated fallback; every table1_replica row trains it
+    on the same validation split, with Table 1's recipe for its row (only the network differs)."""
+    frame = regime.regime_frame("cpu", STORE)
+    assert frame["gap_pp"].notna().all()  # every setting of the search measured
+    other = regime.second(frame)
+    assert other is not None and other["row"] != CHOSEN
+    second = _resolved("regime", other["row"])
+    replica = load_experiment("table1_replica")
+    for row_id in replica.row_ids:
+        cfg, original = _resolved("table1_replica", row_id), _resolved("table1", row_id)
+        for key in STANDIN_KEYS:
+            assert getattr(cfg, key) == getattr(second, key), (row_id, key)
+        assert cfg.val_n == 500
+        assert cfg.config_hash(exclude=("experiment", "arch", "model_args")) == \
+            original.config_hash(exclude=("experiment", "arch", "model_args")), row_id

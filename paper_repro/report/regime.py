@@ -221,6 +221,35 @@ def chosen(frame: pd.DataFrame) -> pd.Series | None:
     return meeting.loc[pd.to_numeric(meeting["train_minutes"]).idxmin()]
 
 
+@dataclass(frozen=True)
+class SecondRule:
+    """[second_standin] of regime.toml: which setting Table 1's replica (table1_replica) runs on,
+    so that the finding is tested on a second network: the cheapest setting of `prefer_arch`
+    that meets the criterion, if one does, else the `fallback` row."""
+
+    prefer_arch: str
+    fallback: str
+
+
+def load_second_rule(path: str | Path | None = None) -> SecondRule:
+    path = Path(path) if path else EXPERIMENTS_DIR / f"{EXPERIMENT}.toml"
+    table = tomllib.loads(path.read_text()).get("second_standin")
+    if not isinstance(table, dict) or set(table) != {"prefer_arch", "fallback"}:
+        raise ConfigError(f"{path}: [second_standin] needs prefer_arch and fallback")
+    return SecondRule(str(table["prefer_arch"]), str(table["fallback"]))
+
+
+def second(frame: pd.DataFrame, rule: SecondRule | None = None) -> pd.Series | None:
+    """The second stand-in by the stated rule: a setting of the preferred kind that meets the
+    criterion (the cheapest), else the fallback row (None when the frame has no such row)."""
+    rule = rule or load_second_rule()
+    preferred = frame[(frame["meets"] == "yes") & (frame["arch"] == rule.prefer_arch)]
+    if not preferred.empty:
+        return preferred.loc[pd.to_numeric(preferred["train_minutes"]).idxmin()]
+    fallback = frame[frame["row"] == rule.fallback]
+    return None if fallback.empty else fallback.iloc[0]
+
+
 def _num(value: Any, digits: int = 1) -> str:
     try:
         value = float(value)
@@ -256,8 +285,17 @@ def verdict(frame: pd.DataFrame) -> str:
     seen = "" if measured == len(frame) else f" ({measured} of {len(frame)} settings measured)"
     if pick is None:
         return f"Chosen stand-in: none meets it{seen}."
-    return (f"Chosen stand-in: {pick['setting']} on {int(pick['n']):,} images "
+    text = (f"Chosen stand-in: {pick['setting']} on {int(pick['n']):,} images "
             f"({pick['row']}; {_num(pick['train_minutes'], 2)} min of training){seen}.")
+    rule = load_second_rule()
+    other = second(frame, rule)
+    if other is None:
+        return text
+    why = (f"the cheapest {rule.prefer_arch} setting that meets the criterion"
+           if other["arch"] == rule.prefer_arch and other["meets"] == "yes" else
+           f"no {rule.prefer_arch} setting meets the criterion, so the stated fallback")
+    return text + (f" Second stand-in (table1_replica): {other['setting']} on "
+                   f"{int(other['n']):,} images ({other['row']}; {why}).")
 
 
 def markdown(exp: Experiment, frame: pd.DataFrame, criterion: Criterion, scale: str) -> str:
