@@ -119,9 +119,10 @@ def render_block(name: str, scale: str, results_dir: str | Path = "results") -> 
         source, renderer = VIEWS[name]
         return (renderer(tables) if (tables / source).is_file()
                 else _not_rendered(tables / source, results_dir))
-    if name.removesuffix("_paired") not in list_experiments():
+    if name.removesuffix("_paired").removesuffix("_tuning") not in list_experiments():
         raise ReproError(f"<!-- {name}:{scale} -->: no such table (an experiment, "
-                         f"<experiment>_paired, or one of {', '.join([*VIEWS, 'bench'])})")
+                         f"<experiment>_paired, <experiment>_tuning, or one of "
+                         f"{', '.join([*VIEWS, 'bench'])})")
     path = tables / f"{name}.md"
     return _table(name, tables) if path.is_file() else _not_rendered(path, results_dir)
 
