@@ -8,7 +8,7 @@ import pytest
 
 from paper_repro.config import build_config, load_experiment, parse_override, resolve_row
 from paper_repro.errors import ConfigError
-from paper_repro.methods import get_method
+from paper_repro.training.methods import get_method
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -165,7 +165,8 @@ def test_an_experiment_file_sets_how_many_seeds_a_sweep_runs(tmp_path):
 
 def test_run_of_one_row_trains_one_seed_unless_asked(monkeypatch):
     """An experiment's `seeds` is for its sweeps: `run --experiment table1 --row R` is one run."""
-    from paper_repro import cli, pool
+    from paper_repro import cli
+    from paper_repro.orchestration import pool
     trained = []
     monkeypatch.setattr(pool, "train_all", lambda configs, slots, **kw:
                         trained.extend(cfg.seed for cfg in configs) or pool.Outcome())

@@ -1,4 +1,4 @@
-"""paper_repro/distributed.py: data-parallel training with two local gloo processes, no SLURM.
+"""paper_repro/runtime/distributed.py: data-parallel training with two local gloo processes, no SLURM.
 
 One module fixture spawns two processes (torch.multiprocessing, gloo, world size 2, torchrun-
 style variables) that run, in one process group: the gradient arithmetic on an uneven split,
@@ -33,9 +33,10 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from paper_repro import results, runner
-from paper_repro.pretrained import safe_load
-from paper_repro.distributed import DataParallel, World, init_from_environment, split_sizes
+from paper_repro import results
+from paper_repro.training import runner
+from paper_repro.store.files import safe_load
+from paper_repro.runtime.distributed import DataParallel, World, init_from_environment, split_sizes
 from paper_repro.errors import ReproError
 from conftest import tiny_config
 

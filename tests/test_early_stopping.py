@@ -14,17 +14,18 @@ import pandas as pd
 import pytest
 import torch
 
-from paper_repro import cli, results, runner
-from paper_repro.checkpoints import load_checkpoint, restore
+from paper_repro import cli, results
+from paper_repro.training import runner
+from paper_repro.store.checkpoints import load_checkpoint, restore
 from paper_repro.config import build_config, load_experiment, resolve_row
 from paper_repro.data import dataset_info
 from paper_repro.data.splits import load_test_set
 from paper_repro.errors import ConfigError
-from paper_repro.evaluation import final_evaluation
+from paper_repro.robustness.evaluation import final_evaluation
 from paper_repro.export import export_model, load_model
-from paper_repro.methods import get_method
+from paper_repro.training.methods import get_method
 from paper_repro.models import build_model
-from paper_repro.pretrained import safe_load
+from paper_repro.store.files import safe_load
 from paper_repro.report.tables import table_frame
 from conftest import tiny_config
 

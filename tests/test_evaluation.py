@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from paper_repro import results, runner
+from paper_repro import results
+from paper_repro.training import runner
 from paper_repro.errors import CheckpointError
-from paper_repro.evaluation import (LARGE_EPS_MAX_ACC, PGD100_MARGIN_PP, evaluate, fixed_subset,
+from paper_repro.robustness.evaluation import (LARGE_EPS_MAX_ACC, PGD100_MARGIN_PP, evaluate, fixed_subset,
                                     pgd_attack, correct_flags, sanity_checks)
 from conftest import tiny_config
 

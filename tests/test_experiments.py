@@ -8,10 +8,10 @@ from paper_repro import results
 from paper_repro.cli import main
 from paper_repro.config import load_experiment, resolve_row
 from paper_repro.errors import ConfigError
-from paper_repro.methods import get_method
+from paper_repro.training.methods import get_method
 from paper_repro.report.figures import write_figures
 from paper_repro.report.tables import display_frame, table_frame
-from paper_repro.pipeline import pretrain_config
+from paper_repro.training.pipeline import pretrain_config
 
 
 def _resolve(name, row, scale):

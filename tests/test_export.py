@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from paper_repro import cli, export, load_model, load_test_images, local, results
+from paper_repro import cli, export, load_model, load_test_images, results
+from paper_repro.orchestration import local
 from paper_repro.config import build_config
 from paper_repro.errors import CheckpointError, DataError, ReproError
-from paper_repro.evaluation import fixed_subset
+from paper_repro.robustness.evaluation import fixed_subset
 from paper_repro.models.registry import Normalize
 from conftest import tiny_config
 

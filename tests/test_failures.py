@@ -20,7 +20,10 @@ import pandas as pd
 import pytest
 import torch
 
-from paper_repro import cli, provenance, results, runner
+from paper_repro import cli, results
+from paper_repro.runtime import provenance
+from paper_repro.store import locks
+from paper_repro.training import runner
 from paper_repro.errors import CheckpointError
 from paper_repro.report.tables import display_frame, table_frame
 from conftest import tiny_config
@@ -203,7 +206,7 @@ def test_a_store_that_cannot_lock_warns_once_and_the_record_says_so(tmp_path, mo
     def no_locks(fd: int, operation: int) -> None:
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(results.fcntl, "flock", no_locks)
+    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
     cfg = tiny_config(tmp_path / "nfs", epochs=1)
     record = runner.train(cfg, quiet=True)
     warnings = [line for line in capsys.readouterr().err.splitlines() if "lock" in line]

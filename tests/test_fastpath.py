@@ -8,11 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from paper_repro import attacks, bench, fastpath, probes
+from paper_repro.robustness import attacks
+from paper_repro.perf import bench
+from paper_repro.runtime import fastpath
+from paper_repro.perf import probes
 from paper_repro.cli import main
 from paper_repro.config import build_config
 from paper_repro.models import create_model
-from paper_repro.runner import train
+from paper_repro.training.runner import train
 from conftest import tiny_config
 
 EPS = 0.1

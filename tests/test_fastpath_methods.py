@@ -41,13 +41,16 @@ import torch
 import torch.nn as nn
 from torch._dynamo.utils import counters
 
-from paper_repro import bench, fastpath, probes, results
-from paper_repro.bench import Bench
+from paper_repro import results
+from paper_repro.perf import bench
+from paper_repro.runtime import fastpath
+from paper_repro.perf import probes
+from paper_repro.perf.bench import Bench
 from paper_repro.data import dataset_info, load_arrays
 from paper_repro.errors import DataError
-from paper_repro.evaluation import clean_accuracy
+from paper_repro.robustness.evaluation import clean_accuracy
 from paper_repro.models import create_model
-from paper_repro.runner import train
+from paper_repro.training.runner import train
 from conftest import tiny_config
 
 METHODS = ("natural", "pgd_at", "free_at", "fast_at", "yopo", "atta", "aft", "trades", "mart",
@@ -200,7 +203,7 @@ def test_the_compiled_graph_probe_sees_weight_gradients_when_attacks_do_not_free
         monkeypatch):
     """pytorch#132929: without frozen parameters the compiled backward computes their
     gradients although autograd.grad asks for the input's only, and .grad stays untouched."""
-    monkeypatch.setattr("paper_repro.attacks.frozen_parameters",
+    monkeypatch.setattr("paper_repro.robustness.attacks.frozen_parameters",
                         lambda model: contextlib.nullcontext())
     torch._dynamo.reset()
     b = _bench("pgd_at", precision="fp32", compile=True)

@@ -19,7 +19,7 @@ import torchvision
 from paper_repro import train  # trains a row's prerequisites (pre-training, teacher) first
 from paper_repro.config import build_config, load_experiment, resolve_row
 from paper_repro.errors import ConfigError
-from paper_repro.methods import get_method
+from paper_repro.training.methods import get_method
 from test_data import _cifar_rows, _write_cifar10, _write_image_folder, _write_pickle
 
 TABLE1 = load_experiment("table1")

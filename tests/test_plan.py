@@ -8,18 +8,19 @@ import json
 import pytest
 import torch
 
-from paper_repro import local, results
-from paper_repro.checkpoints import load_weights
+from paper_repro import results
+from paper_repro.orchestration import local
+from paper_repro.models.weights import load_weights
 from paper_repro.data import dataset_info
 from paper_repro.data.splits import load_test_set
-from paper_repro.evaluation import final_evaluation
-from paper_repro.flops import TotalFlopCounter
+from paper_repro.robustness.evaluation import final_evaluation
+from paper_repro.training.flops import TotalFlopCounter
 from paper_repro.models import build_model
 from paper_repro.cli import main
 from paper_repro.config import load_experiment, resolve_row
-from paper_repro.methods import get_method
-from paper_repro.gpus import get_gpu
-from paper_repro.plan import plan_costs, render
+from paper_repro.training.methods import get_method
+from paper_repro.perf.gpus import get_gpu
+from paper_repro.perf.plan import plan_costs, render
 
 TABLE1 = load_experiment("table1")
 

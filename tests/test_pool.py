@@ -1,4 +1,4 @@
-"""The local pool (paper_repro/pool.py): K runs at once over the graph of runs, each after what
+"""The local pool (paper_repro/orchestration/pool.py): K runs at once over the graph of runs, each after what
 it needs, a failed run's dependents blocked, Ctrl-C stopping every child, GPUs handed out."""
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from paper_repro import cli, pool, results
+from paper_repro import cli, results
+from paper_repro.orchestration import pool
 from paper_repro.config import load_experiment, resolve_row
-from paper_repro.methods import get_method
+from paper_repro.training.methods import get_method
 
 # natural and the AFT(+500K) chain: teacher (= AFT's pre-training) -> student pre-training ->
 # fine-tune, plus AFT on the teacher: five runs, two independent branches

@@ -9,7 +9,9 @@ import pytest
 import torch
 import torchvision
 
-from paper_repro import pretrained, results, runner
+from paper_repro import results
+from paper_repro.models import pretrained
+from paper_repro.training import runner
 from paper_repro.data import dataset_info
 from paper_repro.models import build_model
 from paper_repro.cli import main
@@ -166,7 +168,7 @@ def test_our_checkpoint_and_run_id_load_the_same_weights(tmp_path):
     cfg = tiny_config(tmp_path, epochs=1)
     runner.train(cfg, quiet=True)
     ckpt = results.run_dir(cfg.results_dir, cfg.run_path) / "checkpoint.pt"
-    expected = pretrained.safe_load(ckpt)["model"]
+    expected = results.safe_load(ckpt)["model"]
 
     def fresh():
         return build_model(cfg, dataset_info(cfg.dataset))

@@ -8,7 +8,9 @@ import sys
 import pandas as pd
 import pytest
 
-from paper_repro import recorder, results, runner
+from paper_repro import results
+from paper_repro.training import recorder
+from paper_repro.training import runner
 from conftest import tiny_config
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")

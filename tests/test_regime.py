@@ -11,7 +11,7 @@ import pytest
 from paper_repro import cli, results
 from paper_repro.config import load_experiment, resolve_row
 from paper_repro.errors import ConfigError
-from paper_repro.methods import get_method
+from paper_repro.training.methods import get_method
 from paper_repro.report import regime
 from paper_repro.report.regime import Criterion
 

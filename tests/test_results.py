@@ -9,7 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from paper_repro import cli, pipeline, results, runner
+from paper_repro import cli, results
+from paper_repro.training import pipeline
+from paper_repro.training import runner
 from paper_repro.config import load_experiment
 from paper_repro.report.tables import table_frame
 from conftest import tiny_config
@@ -132,7 +134,7 @@ def test_table_and_status_list_the_unreadable_run(tmp_path, capsys):
 
 def test_status_names_an_unreadable_pretraining_and_the_run_that_needs_it(tmp_path, capsys):
     from paper_repro.config import load_experiment, resolve_row
-    from paper_repro.methods import get_method
+    from paper_repro.training.methods import get_method
 
     cfg = resolve_row(load_experiment("table1"), "aft", "smoke",
                       method_recipe=get_method("aft").recipe)

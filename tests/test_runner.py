@@ -8,7 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from paper_repro import local, pipeline, results, runner
+from paper_repro import results
+from paper_repro.store import files
+from paper_repro.orchestration import local
+from paper_repro.training import pipeline
+from paper_repro.training import runner
 from paper_repro.errors import CheckpointError, ConfigError, ReproError
 from conftest import tiny_config
 
@@ -133,7 +137,7 @@ def test_atomic_writes_leave_no_partial_file(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(results.os, "replace", broken_replace)
+    monkeypatch.setattr(files.os, "replace", broken_replace)
     with pytest.raises(OSError):
         results.atomic_write_json(path, {"status": "done"})
     assert json.loads(path.read_text()) == {"status": "running"}

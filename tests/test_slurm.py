@@ -22,7 +22,7 @@ import pytest
 
 from paper_repro import cli, results
 from paper_repro.config import load_experiment, resolve_row
-from paper_repro.methods import get_method
+from paper_repro.training.methods import get_method
 from slurm import launcher
 
 from conftest import tiny_config
@@ -219,7 +219,7 @@ def test_without_slurm_the_sweep_runs_through_submitits_local_executor(tmp_path)
 
 
 def test_the_training_path_does_not_import_submitit():
-    code = ("import sys, paper_repro.cli as c; c.build_parser(); import paper_repro.runner; "
+    code = ("import sys, paper_repro.cli as c; c.build_parser(); import paper_repro.training.runner; "
             "sys.exit('submitit' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import pipeline, results, runner
-from .config import RunConfig
-from .errors import ReproError
+from ..store import layout
+from ..training import pipeline
+from ..training import runner
+from ..config import RunConfig
+from ..errors import ReproError
 
 
 def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
@@ -21,6 +23,6 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
         raise ReproError(f"--resume: nothing to resume in {target.directory} (the run was never "
                          "started); leave out --resume to start it")
     for run in needed:
-        if not results.is_done(run.directory):
+        if not layout.is_done(run.directory):
             runner.train(run.cfg, run_path=run.run_path, quiet=quiet)
     return runner.train(target.cfg, run_path=target.run_path, quiet=quiet)
