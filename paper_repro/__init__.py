@@ -15,9 +15,10 @@ Public API (everything else is internal):
 """
 from .api import finetune
 from .robustness.attacks import fgsm_rs, pgd
-from .config import RunConfig, build_config, load_experiment, resolve_row
+from .config import RunConfig, build_config, load_experiment
+from .training.methods import resolve_row
 from .export import export_model, load_model, load_test_images
-from .orchestration.local import train
+from .orchestration.local import train_with_prerequisites as train
 from .models import create_model, list_models
 from .models.pretrained import load_pretrained
 from .training.schedules import make_schedule

@@ -160,8 +160,8 @@ def _adhoc_config(method: str, standin: str, name: str, seed: int, overrides: di
     that trains `method` (table1 first: its dataset, network, images, ε and scaled epochs),
     else ("paper") the method's own recipe. The command line's flags win; an --arch of its own
     drops the stand-in network's options. `scale` labels the run."""
-    from .config import (build_config, list_experiments, load_experiment, resolve_row,
-                         unsupported_reason)
+    from .config import build_config, list_experiments, load_experiment, unsupported_reason
+    from .training.methods import resolve_row
 
     recipe = _recipe(method)  # an unknown method is one line before anything else
     if standin != "paper":
@@ -171,8 +171,7 @@ def _adhoc_config(method: str, standin: str, name: str, seed: int, overrides: di
                         and "view_of" not in r and not r.get("extra_data")
                         and not unsupported_reason(exp, r["id"], scale)), None)
             if row is not None:
-                cfg = resolve_row(exp, row, scale, seed=seed, overrides=overrides,
-                                  method_recipe=recipe)
+                cfg = resolve_row(exp, row, scale, seed=seed, overrides=overrides)
                 if "arch" in overrides and "model_args" not in overrides:
                     cfg = dataclasses.replace(cfg, model_args={})
                 return dataclasses.replace(cfg, experiment="adhoc", row=name)
@@ -250,7 +249,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def _experiment_configs(args: argparse.Namespace, name: str, scale: str) -> list:
     """The configs a sweep of experiment `name` runs: its rows (or --rows) x seeds."""
-    from .config import load_experiment, resolve_row, unsupported_reason
+    from .config import load_experiment, unsupported_reason
+    from .training.methods import resolve_row
 
     exp = load_experiment(name)
     rows = args.rows.split(",") if getattr(args, "rows", None) else exp.row_ids
@@ -266,9 +266,7 @@ def _experiment_configs(args: argparse.Namespace, name: str, scale: str) -> list
             print(f"skipping {name}/{row_id}: not supported at scale {scale} ({reason})",
                   file=sys.stderr)
             continue
-        method = exp.row(row_id)["method"]
         configs += [resolve_row(exp, row_id, scale, seed=seed, overrides=overrides,
-                                method_recipe=_recipe(method),
                                 controlled_arch=getattr(args, "controlled", None))
                     for seed in _seeds(args, exp.seeds.get(scale, 1))]
     return configs

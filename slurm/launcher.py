@@ -7,7 +7,7 @@
 
 Why it is shaped this way (DESIGN §10):
 - The store is the source of truth. A run whose record is done is never submitted again, and a
-  job only calls `paper_repro.training.runner.train(cfg)`, which resumes from the run's last epoch
+  job only calls `paper_repro.training.runner.train_run(cfg)`, which resumes from the run's last epoch
   checkpoint. So a job that is preempted, timed out or requeued by an admin loses at most one
   epoch, and re-submitting a sweep is always safe.
 - What the store cannot know (is a job for this run already queued?) is kept in a small ledger
@@ -121,13 +121,13 @@ def _make_train_job_class() -> type:
             import torch
 
             from paper_repro.runtime.distributed import shutdown
-            from paper_repro.training.runner import train
+            from paper_repro.training.runner import train_run
 
             cpus = os.environ.get("SLURM_CPUS_PER_TASK")
             if cpus:  # use what was allocated, not every core of a shared node
                 torch.set_num_threads(int(cpus))
             try:
-                return train(cfg, run_path=run_path)
+                return train_run(cfg, run_path=run_path)
             finally:
                 shutdown()
 

@@ -234,7 +234,7 @@ def test_resume_from_state_dict_matches_uninterrupted_training() -> None:
 
 
 def test_runs_end_to_end_through_the_runner(tmp_path) -> None:
-    from paper_repro.training.runner import train
+    from paper_repro.training.runner import train_run
     cfg = build_config(("recipe", ATTA.recipe),
                        ("smoke", dict(dataset="fashion-mnist", train_subset=128, epochs=1,
                                       batch_size=64, arch="cnn-small", model_args={"width": 4},
@@ -242,5 +242,5 @@ def test_runs_end_to_end_through_the_runner(tmp_path) -> None:
                                       eval_steps=2, device="cpu", results_dir=str(tmp_path),
                                       method_args={"pad": 2, "reset_every": 2})),
                        method="atta")
-    record = train(cfg, quiet=True)
+    record = train_run(cfg, quiet=True)
     assert record["status"] == "done" and record["steps_done"] == 2

@@ -240,7 +240,7 @@ def test_guard_state_survives_a_resume(monkeypatch):
 def test_runner_stops_and_keeps_the_restored_weights(tmp_path, monkeypatch):
     from paper_repro.results import run_dir
     from paper_repro.store.files import safe_load
-    from paper_repro.training.runner import train
+    from paper_repro.training.runner import train_run
 
     at_check = []
 
@@ -257,7 +257,7 @@ def test_runner_stops_and_keeps_the_restored_weights(tmp_path, monkeypatch):
                                  "results_dir": str(tmp_path)}),
                        method="fast_at", method_args={"early_stop": True})
     try:
-        record = train(cfg, quiet=True)
+        record = train_run(cfg, quiet=True)
     except DataError as e:  # as conftest: no data, no end-to-end run
         pytest.skip(f"Fashion-MNIST not installed ({e})")
     assert record["status"] == "done"

@@ -17,7 +17,7 @@ seed, data and initial weights. Tolerances:
     where KL(f(x) ‖ f(x_adv)) and its gradient are ~0, so the sign of some gradient entries is
     the sign of rounding noise and the order of sums moves x_adv: 1e-3 × max(1, loss) there
     (measured: trades_awp channels_last 4.8e-4 at loss 2.36).
-A compiled run's checkpoint (runner.train, compile=True) loads into an eager model, which
+A compiled run's checkpoint (runner.train_run, compile=True) loads into an eager model, which
 reproduces the run's clean accuracy.
 
 Compile backend: "aot_eager" for every method, plus inductor (bf16 + channels_last + compile,
@@ -50,7 +50,7 @@ from paper_repro.data import dataset_info, load_arrays
 from paper_repro.errors import DataError
 from paper_repro.robustness.evaluation import clean_accuracy
 from paper_repro.models import create_model
-from paper_repro.training.runner import train
+from paper_repro.training.runner import train_run
 from conftest import tiny_config
 
 METHODS = ("natural", "pgd_at", "free_at", "fast_at", "yopo", "atta", "aft", "trades", "mart",
@@ -225,7 +225,7 @@ def test_a_compiled_runs_checkpoint_loads_into_an_eager_model(tmp_path, monkeypa
     torch._dynamo.reset()
     frames = counters["frames"]["total"]
     cfg = tiny_config(tmp_path, method="pgd_at", epochs=2, compile=True)
-    record = train(cfg, quiet=True)  # epoch 1 counts FLOPs eagerly; epoch 2 runs compiled
+    record = train_run(cfg, quiet=True)  # epoch 1 counts FLOPs eagerly; epoch 2 runs compiled
     assert record["status"] == "done" and record["compiled"] is True
     assert counters["frames"]["total"] > frames, "the run did not compile"
     ckpt = torch.load(results.run_dir(cfg.results_dir, cfg.run_path) / "checkpoint.pt",

@@ -62,7 +62,7 @@ def test_fig3_from_checkpoints_then_from_the_stored_points_alone(tmp_path):
     """aggregate redraws Fig 3 from results/ (the points CSV) once checkpoints are gone."""
     for method in ("natural", "pgd_at", "aft"):
         extra = {"pretrain": {"epochs": 1}} if method == "aft" else {}
-        local.train(tiny_config(tmp_path, method=method, experiment="table1", epochs=1,
+        local.train_with_prerequisites(tiny_config(tmp_path, method=method, experiment="table1", epochs=1,
                                 **extra), quiet=True)
     out = tmp_path / "figures" / "smoke"
     written = figures.write_figures("smoke", tmp_path)
@@ -86,7 +86,7 @@ def test_fig3_from_checkpoints_then_from_the_stored_points_alone(tmp_path):
 
 
 def test_fig3_needs_all_three_runs(tmp_path):
-    runner.train(tiny_config(tmp_path, method="natural", experiment="table1", epochs=1),
+    runner.train_run(tiny_config(tmp_path, method="natural", experiment="table1", epochs=1),
                  quiet=True)
     assert figures.fig3_points(results.load(tmp_path)) is None
     assert not any(p.name.startswith("fig3") for p in figures.write_figures("smoke", tmp_path))

@@ -281,10 +281,10 @@ def test_aft_new_settings_stay_out_of_the_hash_at_their_defaults():
 # --- the modern experiment ----------------------------------------------------------------------
 
 def _resolve(name: str, row: str, scale: str, seed: int = 0):
-    from paper_repro.config import load_experiment, resolve_row
+    from paper_repro.config import load_experiment
+    from paper_repro.training.methods import resolve_row
     exp = load_experiment(name)
-    return resolve_row(exp, row, scale, seed=seed,
-                       method_recipe=get_method(exp.row(row)["method"]).recipe)
+    return resolve_row(exp, row, scale, seed=seed)
 
 
 @pytest.mark.parametrize("scale", ["paper", "cpu", "smoke"])

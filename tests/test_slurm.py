@@ -21,8 +21,8 @@ import pandas as pd
 import pytest
 
 from paper_repro import cli, results
-from paper_repro.config import load_experiment, resolve_row
-from paper_repro.training.methods import get_method
+from paper_repro.config import load_experiment
+from paper_repro.training.methods import resolve_row
 from slurm import launcher
 
 from conftest import tiny_config
@@ -110,8 +110,7 @@ def _ledger(directory: Path) -> dict:
 
 def _table1_configs(store: Path):
     exp = load_experiment("table1")
-    return [resolve_row(exp, r, "smoke", overrides={"results_dir": str(store)},
-                        method_recipe=get_method(exp.row(r)["method"]).recipe)
+    return [resolve_row(exp, r, "smoke", overrides={"results_dir": str(store)})
             for r in exp.row_ids]
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from paper_repro import results
-from paper_repro.config import load_experiment, resolve_row
-from paper_repro.training.methods import get_method
+from paper_repro.config import load_experiment
+from paper_repro.training.methods import resolve_row
 from paper_repro.report import regime
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,8 +25,7 @@ ON_THE_STANDIN = ("table1", "fig1", "fig4", "aft_sweep", "modern")
 
 def _resolved(name: str, row_id: str, scale: str = "cpu"):
     exp = load_experiment(name)  # a view resolves to its source's run (another table's too)
-    return resolve_row(exp, row_id, scale,
-                       method_recipe=get_method(exp.row(row_id)["method"]).recipe)
+    return resolve_row(exp, row_id, scale)
 
 
 def test_the_committed_regime_runs_choose_the_stand_in_by_the_stated_criterion():

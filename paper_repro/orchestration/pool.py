@@ -139,11 +139,11 @@ def train_one(cfg: RunConfig, run_path: str, threads: int) -> dict[str, Any]:
     import torch
 
     from ..runtime.distributed import shutdown
-    from ..training.runner import train
+    from ..training.runner import train_run
 
     torch.set_num_threads(threads)
     try:
-        return train(cfg, run_path=run_path, quiet=True)
+        return train_run(cfg, run_path=run_path, quiet=True)
     finally:
         shutdown()
 
@@ -192,7 +192,7 @@ def train_all(configs: Sequence[RunConfig], slots: Slots, *,
 
 def _in_process(configs: Sequence[RunConfig], outcome: Outcome,
                 say: Callable[[str], None]) -> Outcome:
-    """One slot: each config through `local.train` (the public in-process walker), here; a
+    """One slot: each config through `local.train_with_prerequisites` (the public in-process walker), here; a
     run whose prerequisite failed is reported blocked, the others go on."""
     from . import local
 
@@ -208,7 +208,7 @@ def _in_process(configs: Sequence[RunConfig], outcome: Outcome,
             say(f"blocked {cfg.run_path}: needs {layout.run_path_of(culprit)}, which failed")
             continue
         try:
-            outcome.records[target] = local.train(cfg)
+            outcome.records[target] = local.train_with_prerequisites(cfg)
         except ReproError as e:
             if len(configs) == 1:
                 raise

@@ -293,16 +293,16 @@ def _epoch_and_bf16_check(report: Report, scale: Scale, device: str, budget: Bud
 def table1_hours(report: Report) -> list[dict[str, Any]]:
     """Each Table 1 row: its epochs × its per-epoch time (the faster of eager and compiled),
     plus an AFT row's natural pre-training; None where a needed pair was not measured."""
-    from ..config import load_experiment, resolve_row
+    from ..config import load_experiment
+    from ..training.methods import resolve_row
     from ..data.registry import EXTRA_DATA
-    from ..training.methods import get_method
     from ..training.pipeline import pretrain_config
 
     exp = load_experiment("table1")
     rows = []
     for row_id in dict.fromkeys(exp.source_row(r) for r in exp.row_ids):  # a view trains nothing
         method = exp.row(row_id)["method"]
-        cfg = resolve_row(exp, row_id, "paper", method_recipe=get_method(method).recipe)
+        cfg = resolve_row(exp, row_id, "paper")
         best = _fastest(report, method, cfg.arch)
         row: dict[str, Any] = {"row": row_id, "method": method, "arch": cfg.arch,
                                "epochs": cfg.epochs, "recipe_batch": cfg.batch_size}

@@ -30,9 +30,9 @@ from typing import Any
 import pandas as pd
 
 from ..store import files, layout, query
-from ..config import EXPERIMENTS_DIR, Experiment, load_experiment, resolve_row
+from ..config import EXPERIMENTS_DIR, Experiment, load_experiment
+from ..training.methods import resolve_row
 from ..errors import ConfigError
-from ..training.methods import get_method
 
 EXPERIMENT = "regime"
 CURVES = ("test_pgd_acc", "train_pgd_acc")  # metrics.csv columns the criterion reads
@@ -179,8 +179,7 @@ def regime_frame(scale: str, results_dir: str | Path = "results",
     runs = _runs(scale, results_dir)
     lines: list[dict[str, Any]] = []
     for row in exp.rows:
-        planned = resolve_row(exp, row["id"], scale,
-                              method_recipe=get_method(row["method"]).recipe)
+        planned = resolve_row(exp, row["id"], scale)
         line: dict[str, Any] = {"row": row["id"], "setting": row.get("label", row["id"]),
                                 "arch": planned.arch, "n": planned.train_subset,
                                 "epochs": planned.epochs, "status": "not run"}

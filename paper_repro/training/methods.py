@@ -13,13 +13,13 @@ import dataclasses
 import importlib
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, ContextManager, Protocol
+from typing import Any, Callable, ClassVar, ContextManager, Mapping, Protocol
 
 import torch
 import torch.nn as nn
 
 from .. import faults
-from ..config import RunConfig, coerce
+from ..config import Experiment, RunConfig, coerce, row_config
 from ..data import ArrayLoader
 from ..errors import ConfigError
 from .schedules import Schedule
@@ -54,6 +54,15 @@ def get_method(name: str) -> type["Method"]:
     if name not in _METHODS:
         raise ConfigError(f"unknown method '{name}' (valid: {', '.join(sorted(_METHODS))})")
     return _METHODS[name]
+
+
+def resolve_row(exp: Experiment, row_id: str, scale: str, *, seed: int = 0,
+                overrides: Mapping[str, Any] | None = None,
+                controlled_arch: str | None = None) -> RunConfig:
+    """The frozen config of one experiment row at one scale, on top of its method's recipe
+    from this registry (`config.row_config` says the order of the layers)."""
+    return row_config(exp, row_id, scale, lambda method: get_method(method).recipe, seed=seed,
+                      overrides=overrides, controlled_arch=controlled_arch)
 
 
 @dataclass(frozen=True)

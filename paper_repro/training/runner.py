@@ -3,8 +3,8 @@
 The runner is the same for every method and trains exactly the run it is given: the runs it
 needs first (AFT's pre-training, a self-training teacher) come from the graph in pipeline.py and
 are trained before it by whoever walks that graph (local.py here, slurm/launcher.py on a
-cluster); if one is not done, `train` says so in one line. Each step below is a call into a room
-named for what it holds: data/splits.py (images), checkpoints.py, monitoring.py, evaluation.py,
+cluster); if one is not done, `train_run` says so in one line. Each step below is a call into a room
+named for what it holds: data/splits.py (images), store/checkpoints.py, monitoring.py, evaluation.py,
 recorder.py (everything written, on rank 0 only), provenance.py.
 """
 from __future__ import annotations
@@ -47,9 +47,11 @@ class TrainingDiverged(ReproError):
     """The training loss became NaN or Inf."""
 
 
-def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
-          quiet: bool = False) -> dict[str, Any]:
-    """Train and evaluate one run; returns its record. A run already done is not re-run (only
+def train_run(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
+              quiet: bool = False) -> dict[str, Any]:
+    """Train and evaluate this one run; returns its record. Its prerequisites (a pre-training,
+    a teacher) must be done: this never trains them (`paper_repro.train`,
+    orchestration/local.py, walks the graph). A run already done is not re-run (only
     evaluated again when the config asks for an evaluation its record lacks).
 
     Bad input, and a prerequisite run that is not done, fail before anything is written; the
