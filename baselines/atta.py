@@ -47,10 +47,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from paper_repro.attacks import pgd
+from paper_repro.robustness.attacks import pgd
 from paper_repro.config import RunConfig
 from paper_repro.errors import ConfigError, ReproError
-from paper_repro.methods import Context, Meter, Method, register_method
+from paper_repro.training.methods import Context, Meter, Method, register_method
 
 REFERENCE_EPS = 0.031
 REFERENCE_STEP_SIZE = {1: 0.015, 3: 0.01, 10: 0.007}  # ATTA-1/3/10 configs, at ε = 0.031

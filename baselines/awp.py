@@ -46,11 +46,11 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from baselines.pgd_at import PGDObjective, PGDSettings
+from paper_repro.training.adversarial import PGDObjective, PGDSettings
 from baselines.trades import TRADESObjective, TRADESSettings
 from paper_repro.config import RunConfig
 from paper_repro.errors import ConfigError
-from paper_repro.methods import Context, Method, Objective, objective_epoch, register_method
+from paper_repro.training.methods import Context, Method, Objective, objective_epoch, register_method
 
 _EPS = 1e-20  # the reference's guard against a zero gradient
 

@@ -5,7 +5,7 @@ Algorithm (baselines_spec.md §5.1), per minibatch, the model in train mode thro
     δ ~ U(−ε, ε), clamped so that x + δ ∈ [0,1]
     δ ← Π_ε(δ + α·sign ∇δ L(f(x+δ), y)), clamped so that x + δ ∈ [0,1]      (α = 1.25ε)
     θ ← θ − η ∇θ L(f(x+δ), y)                                            (adversarial loss only)
-The FGSM step is `paper_repro.attacks.fgsm_rs`, i.e. the shared PGD with one step.
+The FGSM step is `paper_repro.robustness.attacks.fgsm_rs`, i.e. the shared PGD with one step.
 
 Catastrophic-overfitting guard (the reference's `--early-stop`, off by default there and here):
 after each epoch, PGD-5 with α = ε/4 and one random start on that epoch's first training
@@ -19,7 +19,7 @@ flip, α = 10/255 at ε = 8/255.
 
 Deviations:
 - No apex O2 / fp16: fp32 weights throughout (the reference keeps no fp32 master weights by
-  default); on a GPU the convs run in bf16 autocast (`paper_repro/fastpath.py`), fp32 on CPU.
+  default); on a GPU the convs run in bf16 autocast (`paper_repro/runtime/fastpath.py`), fp32 on CPU.
 - δ lives in [0,1] pixel space and the model normalises internally, instead of a per-channel
   ε_c = ε/σ_c in normalised space: equivalent, since sign() ignores positive per-channel scales.
 - The guard's PGD-5 is the suite's PGD, which keeps stepping examples already misclassified
@@ -36,9 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from paper_repro.attacks import fgsm_rs, pgd
+from paper_repro.robustness.attacks import fgsm_rs, pgd
 from paper_repro.errors import ConfigError
-from paper_repro.methods import Context, Meter, Method, register_method
+from paper_repro.training.methods import Context, Meter, Method, register_method
 
 
 @dataclass(frozen=True)

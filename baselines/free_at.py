@@ -33,9 +33,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from paper_repro.attacks import LinfThreat
+from paper_repro.robustness.attacks import LinfThreat
 from paper_repro.errors import ConfigError
-from paper_repro.methods import Context, Meter, Method, register_method
+from paper_repro.training.methods import Context, Meter, Method, register_method
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from baselines.trades import REFERENCE_ALPHA_FACTOR, check_objective
-from paper_repro.attacks import gaussian_start, pgd
-from paper_repro.methods import Context, Method, objective_epoch, register_method
+from paper_repro.robustness.attacks import gaussian_start, pgd
+from paper_repro.training.methods import Context, Method, objective_epoch, register_method
 
 
 @dataclass(frozen=True)

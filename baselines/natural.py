@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from paper_repro.methods import Context, Meter, Method, register_method
+from paper_repro.training.methods import Context, Meter, Method, register_method
 
 
 @register_method

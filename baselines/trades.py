@@ -31,9 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from paper_repro.attacks import gaussian_start, per_example_kl, pgd
+from paper_repro.robustness.attacks import gaussian_start, per_example_kl, pgd
 from paper_repro.errors import ConfigError
-from paper_repro.methods import Context, Method, objective_epoch, register_method
+from paper_repro.training.methods import Context, Method, objective_epoch, register_method
 
 REFERENCE_ALPHA_FACTOR = 0.007 / 0.031  # step 0.007 at ε = 0.031
 

@@ -47,9 +47,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from paper_repro.attacks import LinfThreat, frozen_parameters
+from paper_repro.robustness.attacks import LinfThreat, frozen_parameters
 from paper_repro.errors import ConfigError
-from paper_repro.methods import (Context, Meter, Method, make_optimizer, parameter_groups,
+from paper_repro.training.methods import (Context, Meter, Method, make_optimizer, parameter_groups,
                                  register_method)
 
 

@@ -4,9 +4,9 @@
     model, metrics = paper_repro.finetune(model, train_loader, epsilon=8/255, epochs=10)
 
 This is the runner's AFT, not a second implementation: the config is resolved from AFT's recipe
-(`paper_repro/aft.py`: Adam, `slow_start_fast_decay` stepped every iteration, PGD-10 with
+(`baselines/aft.py`: Adam, `slow_start_fast_decay` stepped every iteration, PGD-10 with
 α = ε/4, random start, train-mode BatchNorm during the attack), the optimiser comes from the
-method, and every epoch is `AFT.train_epoch` (= `baselines.pgd_at.adversarial_epoch`, which
+method, and every epoch is `AFT.train_epoch` (PGD AT's step, `paper_repro.training.adversarial`, which
 calls `attacks.pgd`). Only the data side is adapted: any re-iterable with len() that yields
 (x, y) pairs (a torch DataLoader, a list of tensors) instead of the runner's ArrayLoader.
 """
@@ -18,12 +18,12 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from .attacks import pgd
+from .robustness.attacks import pgd
 from .config import build_config
 from .data import Batch
 from .errors import ConfigError
-from .methods import Context, get_method
-from .schedules import make_schedule
+from .training.methods import Context, get_method
+from .training.schedules import make_schedule
 
 __all__ = ["finetune"]
 

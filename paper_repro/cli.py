@@ -17,14 +17,54 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import gpus
 from .errors import ReproError
+from .perf import gpus
 
 FRESH_DIR = "results-fresh"  # where `./reproduce.sh TABLE --fresh` re-runs (git-ignored)
+
+SLURM_LAUNCHER = "slurm.launcher"  # the SLURM plug-in, imported by name when a command needs it
+
+
+def _slurm() -> Any:
+    """The SLURM launcher (slurm/launcher.py): a plug-in that imports core, so core reaches it
+    by name, only for --slurm and `status`."""
+    return importlib.import_module(SLURM_LAUNCHER)
+
+
+SLURM_FLAGS: list[tuple[str, str, Any, str, str]] = [
+    ("--partition", "partition", str, "P", "SLURM partition"),
+    ("--gpus-per-job", "gpus_per_job", int, "N", "GPUs per job (--gpus-per-node); N > 1 "
+                                                 "trains data-parallel, one task per GPU"),
+    ("--tasks-per-node", "tasks_per_node", int, "N", "data-parallel processes per job (default: "
+                                                     "one per GPU; e.g. 2 on CPUs, gloo)"),
+    ("--cpus-per-task", "cpus_per_task", int, "C", "CPU cores per job (also torch's threads)"),
+    ("--mem", "mem", float, "GB", "memory per job in GB"),
+    ("--time", "time", str, "HH:MM:SS", "wall-time limit per job (default 24:00:00); a job "
+                                         "that hits it is requeued and resumes"),
+    ("--account", "account", str, "A", "SLURM account to charge"),
+    ("--qos", "qos", str, "Q", "SLURM quality of service"),
+    ("--array-parallelism", "array_parallelism", int, "K", "at most K jobs of an array at once"),
+]
+
+
+def _add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sweep's SLURM flags: part of the command line, so the parser needs no plug-in;
+    slurm/launcher.py reads them (`options_from_args`)."""
+    g = parser.add_argument_group("SLURM (submit job arrays instead of training here)")
+    g.add_argument("--slurm", action="store_true",
+                   help="submit every run as a SLURM job array through submitit and return "
+                        "(see `status`); runs already done or queued are skipped")
+    for flag, dest, typ, metavar, help_ in SLURM_FLAGS:
+        g.add_argument(flag, dest=dest, type=typ, default=None, metavar=metavar, help=help_)
+    g.add_argument("--sbatch-arg", dest="sbatch_arg", action="append", default=[],
+                   metavar="KEY=VALUE", help="any other sbatch option, e.g. constraint=a100 "
+                                             "(repeatable; KEY alone for a flag)")
+
 
 # flag -> config key; each flag's value goes through the same validation as TOML values
 _OVERRIDE_FLAGS: list[tuple[str, str, Any, str]] = [
@@ -87,7 +127,7 @@ def _default_scale() -> str:
 
 
 def _recipe(method: str) -> dict[str, Any]:
-    from .methods import get_method
+    from .training.methods import get_method
 
     return get_method(method).recipe
 
@@ -120,8 +160,8 @@ def _adhoc_config(method: str, standin: str, name: str, seed: int, overrides: di
     that trains `method` (table1 first: its dataset, network, images, ε and scaled epochs),
     else ("paper") the method's own recipe. The command line's flags win; an --arch of its own
     drops the stand-in network's options. `scale` labels the run."""
-    from .config import (build_config, list_experiments, load_experiment, resolve_row,
-                         unsupported_reason)
+    from .config import build_config, list_experiments, load_experiment, unsupported_reason
+    from .training.methods import resolve_row
 
     recipe = _recipe(method)  # an unknown method is one line before anything else
     if standin != "paper":
@@ -131,8 +171,7 @@ def _adhoc_config(method: str, standin: str, name: str, seed: int, overrides: di
                         and "view_of" not in r and not r.get("extra_data")
                         and not unsupported_reason(exp, r["id"], scale)), None)
             if row is not None:
-                cfg = resolve_row(exp, row, scale, seed=seed, overrides=overrides,
-                                  method_recipe=recipe)
+                cfg = resolve_row(exp, row, scale, seed=seed, overrides=overrides)
                 if "arch" in overrides and "model_args" not in overrides:
                     cfg = dataclasses.replace(cfg, model_args={})
                 return dataclasses.replace(cfg, experiment="adhoc", row=name)
@@ -144,15 +183,15 @@ def _adhoc_config(method: str, standin: str, name: str, seed: int, overrides: di
 
 
 def _run_directory(cfg: Any) -> Any:
-    from .results import run_dir
+    from .store.layout import run_dir
 
     return run_dir(cfg.results_dir, cfg.run_path)
 
 
 def _check_resumable(configs: list) -> None:
     """--resume: something of each run (its folder, or a prerequisite's) must have started."""
-    from .pipeline import plan
-    from .runner import was_started
+    from .training.pipeline import plan
+    from .training.runner import was_started
 
     for cfg in configs:
         if not any(was_started(run.directory) for run in plan([cfg]).values()):
@@ -162,7 +201,7 @@ def _check_resumable(configs: list) -> None:
 
 def _print_local_plan(configs: list, slots: Any) -> None:
     """Before a local sweep: how many runs, and where a cost is known, how long (plan)."""
-    from .plan import local_estimate
+    from .perf.plan import local_estimate
 
     line = local_estimate(configs, slots)
     if line:
@@ -172,7 +211,7 @@ def _print_local_plan(configs: list, slots: Any) -> None:
 def _train(configs: list, args: argparse.Namespace, select: str) -> Any:
     """Train `configs` (and what they need) in the local pool, then one line per config;
     returns the pool's outcome (failed and blocked runs are the caller's to raise)."""
-    from . import pool
+    from .orchestration import pool
 
     if args.resume:
         _check_resumable(configs)
@@ -197,7 +236,7 @@ def _check_select(configs: list, select: str) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """AFT on any pre-trained model (`--init` required)."""
-    from .pretrained import FORMS, implied_arch
+    from .models.pretrained import FORMS, implied_arch
 
     if not args.init:
         raise ReproError(f"finetune needs --init ({FORMS})")
@@ -210,7 +249,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def _experiment_configs(args: argparse.Namespace, name: str, scale: str) -> list:
     """The configs a sweep of experiment `name` runs: its rows (or --rows) x seeds."""
-    from .config import load_experiment, resolve_row, unsupported_reason
+    from .config import load_experiment, unsupported_reason
+    from .training.methods import resolve_row
 
     exp = load_experiment(name)
     rows = args.rows.split(",") if getattr(args, "rows", None) else exp.row_ids
@@ -226,9 +266,7 @@ def _experiment_configs(args: argparse.Namespace, name: str, scale: str) -> list
             print(f"skipping {name}/{row_id}: not supported at scale {scale} ({reason})",
                   file=sys.stderr)
             continue
-        method = exp.row(row_id)["method"]
         configs += [resolve_row(exp, row_id, scale, seed=seed, overrides=overrides,
-                                method_recipe=_recipe(method),
                                 controlled_arch=getattr(args, "controlled", None))
                     for seed in _seeds(args, exp.seeds.get(scale, 1))]
     return configs
@@ -237,20 +275,20 @@ def _experiment_configs(args: argparse.Namespace, name: str, scale: str) -> list
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run every row (x seeds) of one or more experiments in the local pool, then render their
     tables and figures; with --slurm, submit them as job arrays instead and return."""
-    from slurm.launcher import options_from_args
+    options_from_args = _slurm().options_from_args
 
     if args.rows and len(args.experiments) > 1:
         raise ReproError("--rows applies to one experiment; name one, or leave out --rows")
     slurm_options = options_from_args(args)  # None without --slurm
     if slurm_options is not None:
-        from slurm.launcher import submit_sweep
+        submit_sweep = _slurm().submit_sweep
 
         if not args.scale:
             print("--slurm without --scale: using the paper scale")
         configs = _sweep_configs(args, args.scale or "paper")
         gpu = args.plan_gpu or ("h100" if (args.scale or "paper") == "paper" else "none")
         if gpu != "none":  # what it will cost, before it is submitted
-            from .plan import plan_costs, render
+            from .perf.plan import plan_costs, render
 
             print(render(plan_costs(configs, gpu), gpu, slurm_options.gpus_per_job or 1))
         job_ids = submit_sweep(configs, slurm_options)
@@ -288,12 +326,12 @@ def _warn_unreadable(results_dir: str, scale: str,
                      experiments: Sequence[str] | None = None) -> tuple[int, int]:
     """One `warning:` line on stderr per run (of `experiments`, or all, pre-trainings included)
     whose record or config cannot be read. Returns (unreadable runs, readable runs)."""
-    from . import results
+    from .store import query
 
-    frame = results.load(results_dir, scale=scale, include_pretrain=True)
+    frame = query.load(results_dir, scale=scale, include_pretrain=True)
     if experiments is not None and not frame.empty:
         frame = frame[frame["experiment"].isin(list(experiments))]
-    problems = results.problems(frame)
+    problems = query.problems(frame)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
     return len(problems), len(frame) - len(problems)
@@ -301,7 +339,7 @@ def _warn_unreadable(results_dir: str, scale: str,
 
 def cmd_table(args: argparse.Namespace) -> int:
     from .report.tables import write_table
-    from .results import require_store
+    from .store.layout import require_store
 
     require_store(args.results_dir or "results")
     scale = args.scale or _default_scale()
@@ -316,8 +354,8 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """What a sweep will cost on a GPU, before it runs (paper_repro/plan.py)."""
-    from .plan import plan_costs, render
+    """What a sweep will cost on a GPU, before it runs (paper_repro/perf/plan.py)."""
+    from .perf.plan import plan_costs, render
 
     if args.gpus_per_job < 1:
         raise ReproError("--gpus-per-job must be >= 1")
@@ -329,9 +367,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Each run's state (done, running, queued, failed, not submitted, unreadable) from store
     and scheduler."""
-    from slurm.launcher import format_status
+    format_status = _slurm().format_status
 
-    from .results import require_store
+    from .store.layout import require_store
 
     require_store(args.results_dir or "results")
     scale = args.scale or _default_scale()
@@ -344,9 +382,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _status_rows(configs: list) -> list[dict[str, Any]]:
     """The launcher's status rows; where a run's record or config cannot be read, that run is a
     row of its own ("unreadable", with a warning) and every other run is still shown."""
-    from slurm.launcher import status
+    status = _slurm().status
 
-    from .results import UnreadableRunError
+    from .store.layout import UnreadableRunError
 
     try:
         return status(configs)
@@ -373,7 +411,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     nothing at all could be rendered."""
     from .report.figures import write_figures
     from .report.tables import tables_with_results, write_table
-    from .results import require_store, runs_root
+    from .store.layout import require_store, runs_root
 
     results_dir = args.results_dir or "results"
     require_store(results_dir)
@@ -425,7 +463,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import json
 
     from .export import INFO, export_model
-    from .results import require_store
+    from .store.layout import require_store
 
     from pathlib import Path
 
@@ -471,7 +509,7 @@ def _add_select(p: argparse.ArgumentParser) -> None:
 
 
 def _add_pool(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("local pool (paper_repro/pool.py)")
+    g = p.add_argument_group("local pool (paper_repro/orchestration/pool.py)")
     g.add_argument("--jobs", type=int, default=None, metavar="K",
                    help="train K runs at once, each after the runs it needs (default: one per "
                         "GPU, else one per CPU core, each with one thread; $REPRO_JOBS)")
@@ -534,8 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-gpu", metavar="GPU",
                    help="with --slurm: print the sweep's cost on this GPU (see `plan`) before "
                         "submitting (default: h100 at paper scale; 'none' to skip)")
-    from slurm.launcher import add_slurm_arguments
-    add_slurm_arguments(p)
+    _add_slurm_arguments(p)
     p.set_defaults(func=cmd_sweep)
 
     p = runlike("plan", "optimiser steps, FLOPs and GPU-hours of every run of a sweep")
@@ -604,12 +641,12 @@ def _add_store_commands(sub: Any) -> None:
 
 def _add_device_commands(sub: Any) -> None:
     """The commands that measure the machine (synthetic data, nothing stored in runs/)."""
-    from . import bench
+    from .perf import bench
     p = sub.add_parser("bench", help="images/s, FLOPs and MFU of one method's training step")
     bench.add_arguments(p)
     p.set_defaults(func=bench.main)
 
-    from . import gpucheck
+    from .perf import gpucheck
     p = sub.add_parser("gpucheck", help="the one GPU check (<= 8 min): bench of every Table 1 "
                        "pair eager and compiled, a PGD-10 epoch, bf16 vs fp32, Table 1's hours")
     gpucheck.add_arguments(p)
@@ -619,9 +656,9 @@ def _add_device_commands(sub: Any) -> None:
 def _print_lists() -> None:
     from .config import list_experiments
     from .data import list_datasets
-    from .methods import list_methods
+    from .training.methods import list_methods
     from .models import list_models
-    from .schedules import SCHEDULES
+    from .training.schedules import SCHEDULES
 
     print("methods:    ", ", ".join(list_methods()))
     print("models:     ", ", ".join(list_models()))

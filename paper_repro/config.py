@@ -486,11 +486,13 @@ def controlled_name(experiment: str, arch: str) -> str:
     return f"{experiment}-controlled-{arch}"
 
 
-def resolve_row(exp: Experiment, row_id: str, scale: str, *, seed: int = 0,
-                overrides: Mapping[str, Any] | None = None,
-                method_recipe: Mapping[str, Any] | None = None,
-                controlled_arch: str | None = None) -> RunConfig:
-    """The frozen config of one row at one scale (see the module docstring for the order).
+def row_config(exp: Experiment, row_id: str, scale: str,
+               recipe_of: Callable[[str], Mapping[str, Any]], *, seed: int = 0,
+               overrides: Mapping[str, Any] | None = None,
+               controlled_arch: str | None = None) -> RunConfig:
+    """The frozen config of one row at one scale (see the module docstring for the order),
+    on top of `recipe_of(method)`, the recipe of the row's method. The method registry is above
+    this module, so it passes its look-up in: `training.methods.resolve_row` is the verb.
 
     `controlled_arch` runs the row on that architecture instead of its reference one (model
     options and pre-training model options dropped), stored as its own experiment, so every
@@ -501,13 +503,13 @@ def resolve_row(exp: Experiment, row_id: str, scale: str, *, seed: int = 0,
         raise ConfigError(f"unknown scale '{scale}' (valid: {', '.join(SCALES)})")
     other, row_id = exp.source(row_id)
     if other != exp.name:  # another experiment's run, exactly as that experiment resolves it
-        return resolve_row(load_experiment(other), row_id, scale, seed=seed, overrides=overrides,
-                           method_recipe=method_recipe, controlled_arch=controlled_arch)
+        return row_config(load_experiment(other), row_id, scale, recipe_of, seed=seed,
+                          overrides=overrides, controlled_arch=controlled_arch)
     row = exp.row(row_id)
     reason = unsupported_reason(exp, row_id, scale)
     if reason:
         raise ConfigError(f"{exp.name} row '{row_id}' is not supported at scale {scale}: {reason}")
-    layers: list[tuple[str, Mapping[str, Any]]] = [("method recipe", method_recipe or {})]
+    layers: list[tuple[str, Mapping[str, Any]]] = [("method recipe", recipe_of(row["method"]))]
     for s in exp.scale_chain(scale):
         block = {k: v for k, v in exp.scales.get(s, {}).items() if k != "inherits"}
         layers.append((f"{exp.name} [scales.{s}]", block))

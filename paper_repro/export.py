@@ -36,8 +36,9 @@ from typing import Any
 
 import torch
 
-from . import results
-from .checkpoints import BEST_FILE, load_weights
+from .store import files, layout
+from .models.weights import load_state, load_weights
+from .store.checkpoints import BEST_FILE
 from .config import (NOT_RECIPE_FIELDS, RunConfig, build_config, list_experiments,
                      load_experiment)
 from .data import dataset_info
@@ -71,17 +72,17 @@ def _locate(run: str | Path, results_dir: str | Path) -> tuple[str, Path]:
         return "export", folder
     if not text.startswith("run:") and (folder / "record.json").is_file():
         return "run", folder  # a run folder given as a path
-    in_store = results.run_dir(results_dir, spec)
+    in_store = layout.run_dir(results_dir, spec)
     if (in_store / "record.json").is_file() or (in_store / "config.json").is_file():
         return "run", in_store
     raise ReproError(f"{text!r} is neither an exported folder (with {INFO}) nor a run in "
-                     f"{results.runs_root(results_dir)} (a run path such as "
+                     f"{layout.runs_root(results_dir)} (a run path such as "
                      "cpu/table1/aft/seed0; another store: results_dir= / --results-dir)")
 
 
 def _stored_config(directory: Path) -> tuple[RunConfig, dict[str, Any]]:
     """The run's config rebuilt from its config.json (and the stored dict itself)."""
-    stored = results.read_json(directory / "config.json")
+    stored = layout.read_json(directory / "config.json")
     if stored is None:
         raise ReproError(f"{directory / 'config.json'}: missing; not a run of this suite")
     values = {k: v for k, v in stored.items() if k != "config_hash"}
@@ -111,7 +112,7 @@ def _checkpoint(directory: Path, cfg: RunConfig, select: str) -> Path:
         raise CheckpointError(f"{cfg.run_path}: no checkpoint.pt in {directory} (checkpoints are "
                               f"not in git): train the run here with `{_rerun_hint(cfg)}`, "
                               "or copy its checkpoint.pt back")
-    why = results.check_checkpoint(path)
+    why = files.check_checkpoint(path)
     if why:
         raise CheckpointError(f"{path}: {why}; train the run again or copy a whole checkpoint "
                               "back")
@@ -120,9 +121,9 @@ def _checkpoint(directory: Path, cfg: RunConfig, select: str) -> Path:
 
 def _done_run(directory: Path) -> tuple[RunConfig, dict[str, Any], dict[str, Any]]:
     """(config, stored config, record) of a finished run; a one-line error otherwise."""
-    record = results.read_record(directory)
+    record = layout.read_record(directory)
     cfg, stored = _stored_config(directory)
-    if not record or record.get("status") != results.STATUS_DONE:
+    if not record or record.get("status") != layout.STATUS_DONE:
         status = (record or {}).get("status", "no record")
         raise ReproError(f"{cfg.run_path} is not done ({status}): its checkpoint is not a "
                          f"finished model; finish it first (`{_rerun_hint(cfg)}`)")
@@ -201,11 +202,7 @@ def _load_export(folder: Path) -> tuple[ImageClassifier, dict[str, Any]]:
     model = create_model(m["arch"], num_classes=m["num_classes"], in_channels=m["in_channels"],
                          mean=buffer("normalize.mean"), std=buffer("normalize.std"),
                          **m.get("model_args", {}))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"{weights}: does not fit {m['arch']} ({first})") from None
+    load_state(model, state, weights, arch=m["arch"])
     return model, info
 
 
@@ -220,7 +217,7 @@ def _subset_size(kind: str, folder: Path, subset: str) -> int:
         ev = _read_info(folder).get("evaluation") or {}
         n = ev.get("pgd_n") if subset == "pgd" else ev.get("aa_n")
     else:
-        record = results.read_json(folder / "record.json") or {}
+        record = layout.read_json(folder / "record.json") or {}
         measured = subset == "pgd" or record.get("aa_acc") is not None
         n = record.get("eval_n" if subset == "pgd" else "aa_n") if measured else None
     if not n:
@@ -242,7 +239,7 @@ def load_test_images(run: str | Path, n: int | None = None, *, subset: str | Non
     - `n`: the fixed subset of n images (`n=eval_n` is subset="pgd", `n=aa_n` is subset="aa").
     """
     from .data import dataset_info, load_arrays
-    from .evaluation import fixed_subset
+    from .robustness.evaluation import fixed_subset
 
     kind, folder = _locate(run, results_dir)
     if subset is not None:
@@ -380,7 +377,7 @@ def model_info(cfg: RunConfig, stored: dict[str, Any], record: dict[str, Any],
 def _protocol(cfg: RunConfig, record: dict[str, Any], steps: int, alpha: float,
               aa_n: int) -> str:
     """The evaluation protocol in one sentence, naming the images a user can load again."""
-    from .evaluation import AA_ATTACKS
+    from .robustness.evaluation import AA_ATTACKS
 
     return (f"clean accuracy on the full test set; PGD-{steps} (L∞, ε = {_eps_text(cfg.eps)}, "
             f"α = {alpha:g}, one random start, eval mode, fp32) on a fixed subset of "
@@ -479,7 +476,7 @@ def export_model(run: str | Path, out: str | Path, *, select: str = "final",
     info = model_info(cfg, stored, record, model, select)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}{results.TEMP_SUFFIX}"
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}{files.TEMP_SUFFIX}"
     tmp.mkdir()
     try:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "run": cfg.run_path})

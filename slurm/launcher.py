@@ -3,11 +3,11 @@
     submit_sweep(configs, options) -> job ids     one array per sweep (plus one per dependency)
     status(configs) -> rows        done / running / queued / failed / interrupted / not submitted
     ExecutorOptions                               what to ask SLURM for (partition, GPUs, time...)
-    add_slurm_arguments, options_from_args        the CLI's --slurm flags, wired in one place
+    options_from_args                            the CLI's --slurm flags (cli.SLURM_FLAGS) read
 
 Why it is shaped this way (DESIGN §10):
 - The store is the source of truth. A run whose record is done is never submitted again, and a
-  job only calls `paper_repro.runner.train(cfg)`, which resumes from the run's last epoch
+  job only calls `paper_repro.training.runner.train_run(cfg)`, which resumes from the run's last epoch
   checkpoint. So a job that is preempted, timed out or requeued by an admin loses at most one
   epoch, and re-submitting a sweep is always safe.
 - What the store cannot know (is a job for this run already queued?) is kept in a small ledger
@@ -16,7 +16,7 @@ Why it is shaped this way (DESIGN §10):
 - A run that needs another run first (AFT needs its natural pre-training, self-training
   pre-training needs its teacher) gets that run as its own job, once per config hash however
   many rows share it, and waits for it with `--dependency=afterok`. The graph is the one the
-  local path walks (paper_repro/pipeline.py); the runner never trains a prerequisite itself.
+  local path walks (paper_repro/training/pipeline.py); the runner never trains a prerequisite itself.
 - One module (over 400 lines) because submission, the ledger and status read the same
   scheduler state; split, each part would need the others' private helpers.
 - submitit is imported only when a job is built or submitted: the CLI imports this module for
@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from paper_repro import results
+from paper_repro.cli import SLURM_FLAGS
 from paper_repro.errors import ReproError
 
 if TYPE_CHECKING:
     from paper_repro.config import RunConfig
-    from paper_repro.pipeline import PlannedRun
+    from paper_repro.training.pipeline import PlannedRun
 
 LEDGER = results.LEDGER
 START_HINT = 'eval "$(sudo slurm/cluster/start.sh)"'
@@ -115,18 +116,18 @@ def _make_train_job_class() -> type:
 
         def __call__(self, cfg: RunConfig, run_path: str | None = None) -> dict[str, Any]:
             """With N tasks every task runs this: `train` joins them into one data-parallel
-            run (paper_repro.distributed); rank 0 checkpoints, and after a requeue every rank
+            run (paper_repro.runtime.distributed); rank 0 checkpoints, and after a requeue every rank
             resumes from rank 0's checkpoint."""
             import torch
 
-            from paper_repro.distributed import shutdown
-            from paper_repro.runner import train
+            from paper_repro.runtime.distributed import shutdown
+            from paper_repro.training.runner import train_run
 
             cpus = os.environ.get("SLURM_CPUS_PER_TASK")
             if cpus:  # use what was allocated, not every core of a shared node
                 torch.set_num_threads(int(cpus))
             try:
-                return train(cfg, run_path=run_path)
+                return train_run(cfg, run_path=run_path)
             finally:
                 shutdown()
 
@@ -156,8 +157,8 @@ def _absolute(cfg: RunConfig) -> RunConfig:
 
 def _plan(configs: Sequence[RunConfig]) -> dict[Path, PlannedRun]:
     """Every run of the sweep and, first, every run it needs: the one graph of
-    paper_repro/pipeline.py, which the local path trains in the same order."""
-    from paper_repro.pipeline import plan
+    paper_repro/training/pipeline.py, which the local path trains in the same order."""
+    from paper_repro.training.pipeline import plan
 
     return plan([_absolute(cfg) for cfg in configs])
 
@@ -224,7 +225,7 @@ def _scheduler_view(ledgers: dict[Path, dict[str, Any]]) -> dict[Path, tuple[str
 
 
 def _pool_state(led: dict[str, Any]) -> tuple[str, str]:
-    """A run the local pool (paper_repro/pool.py) holds but has not started: queued while that
+    """A run the local pool (paper_repro/orchestration/pool.py) holds but has not started: queued while that
     pool's process lives, blocked when a run it needs failed; STALE once the pool is gone."""
     if led.get("state") == "blocked":
         return ("BLOCKED", f"needs {led.get('blocked_by')}, which failed")
@@ -434,39 +435,10 @@ def format_status(rows: Sequence[dict[str, Any]]) -> str:
 
 # --- CLI wiring ---------------------------------------------------------------------------------
 
-_FLAGS: list[tuple[str, str, Any, str, str]] = [
-    ("--partition", "partition", str, "P", "SLURM partition"),
-    ("--gpus-per-job", "gpus_per_job", int, "N", "GPUs per job (--gpus-per-node); N > 1 "
-                                                 "trains data-parallel, one task per GPU"),
-    ("--tasks-per-node", "tasks_per_node", int, "N", "data-parallel processes per job (default: "
-                                                     "one per GPU; e.g. 2 on CPUs, gloo)"),
-    ("--cpus-per-task", "cpus_per_task", int, "C", "CPU cores per job (also torch's threads)"),
-    ("--mem", "mem", float, "GB", "memory per job in GB"),
-    ("--time", "time", str, "HH:MM:SS", "wall-time limit per job (default 24:00:00); a job "
-                                         "that hits it is requeued and resumes"),
-    ("--account", "account", str, "A", "SLURM account to charge"),
-    ("--qos", "qos", str, "Q", "SLURM quality of service"),
-    ("--array-parallelism", "array_parallelism", int, "K", "at most K jobs of an array at once"),
-]
-
-
-def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
-    """The sweep's SLURM flags. Kept here so that the CLI needs one call, not ten flags."""
-    g = parser.add_argument_group("SLURM (submit job arrays instead of training here)")
-    g.add_argument("--slurm", action="store_true",
-                   help="submit every run as a SLURM job array through submitit and return "
-                        "(see `status`); runs already done or queued are skipped")
-    for flag, dest, typ, metavar, help_ in _FLAGS:
-        g.add_argument(flag, dest=dest, type=typ, default=None, metavar=metavar, help=help_)
-    g.add_argument("--sbatch-arg", dest="sbatch_arg", action="append", default=[],
-                   metavar="KEY=VALUE", help="any other sbatch option, e.g. constraint=a100 "
-                                             "(repeatable; KEY alone for a flag)")
-
-
 def options_from_args(args: argparse.Namespace) -> ExecutorOptions | None:
     """ExecutorOptions from the parsed flags, or None without --slurm. A SLURM flag without
     --slurm, or --slurm where there is no SLURM, is a user error (ReproError)."""
-    given = [flag for flag, dest, *_ in _FLAGS if getattr(args, dest, None) is not None]
+    given = [flag for flag, dest, *_ in SLURM_FLAGS if getattr(args, dest, None) is not None]
     if getattr(args, "sbatch_arg", None):
         given.append("--sbatch-arg")
     if not getattr(args, "slurm", False):

@@ -57,7 +57,7 @@ def tiny_config(tmp_path, *, method="natural", experiment="test", **overrides):
                   aa_n=0,  # AutoAttack is tested in test_evaluation.py; elsewhere it only costs
                   deterministic=True, results_dir=str(tmp_path))
     values.update(overrides)
-    from paper_repro.methods import get_method
+    from paper_repro.training.methods import get_method
     return build_config(("recipe", get_method(method).recipe), ("test", values),
                         experiment=experiment, row=method, scale="smoke", seed=0, method=method)
 

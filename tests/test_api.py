@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import baselines.pgd_at
+from paper_repro.training import adversarial
 import paper_repro
 from paper_repro.api import _accuracy, _Batches
 from paper_repro.errors import ConfigError
@@ -43,13 +43,13 @@ def test_finetune_trains_adversarially_and_returns_per_epoch_metrics(monkeypatch
     model = _plain_model()
     before = _train_pgd_acc(model, x, y)
     attacks = []
-    real_pgd = baselines.pgd_at.pgd
+    real_pgd = adversarial.pgd
 
     def spy(model_, x_, y_, **kw):  # the method's own attack call, counted
         attacks.append(kw)
         return real_pgd(model_, x_, y_, **kw)
 
-    monkeypatch.setattr(baselines.pgd_at, "pgd", spy)
+    monkeypatch.setattr(adversarial, "pgd", spy)
     loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
     tuned, metrics = paper_repro.finetune(model, loader, epsilon=EPS, epochs=2, lr=0.05, steps=5,
                                           eval_loader=[(x[:64], y[:64])], eval_steps=3, seed=0)

@@ -15,9 +15,9 @@ from baselines.atta import ATTA, ATTASettings, augment, inverse_augment, pad_ima
 from paper_repro.config import build_config
 from paper_repro.data import ArrayLoader
 from paper_repro.errors import ConfigError
-from paper_repro.methods import Context, get_method
+from paper_repro.training.methods import Context, get_method
 from paper_repro.models import create_model
-from paper_repro.schedules import make_schedule
+from paper_repro.training.schedules import make_schedule
 
 EPS = 0.1
 SIZE = 8
@@ -234,7 +234,7 @@ def test_resume_from_state_dict_matches_uninterrupted_training() -> None:
 
 
 def test_runs_end_to_end_through_the_runner(tmp_path) -> None:
-    from paper_repro.runner import train
+    from paper_repro.training.runner import train_run
     cfg = build_config(("recipe", ATTA.recipe),
                        ("smoke", dict(dataset="fashion-mnist", train_subset=128, epochs=1,
                                       batch_size=64, arch="cnn-small", model_args={"width": 4},
@@ -242,5 +242,5 @@ def test_runs_end_to_end_through_the_runner(tmp_path) -> None:
                                       eval_steps=2, device="cpu", results_dir=str(tmp_path),
                                       method_args={"pad": 2, "reset_every": 2})),
                        method="atta")
-    record = train(cfg, quiet=True)
+    record = train_run(cfg, quiet=True)
     assert record["status"] == "done" and record["steps_done"] == 2

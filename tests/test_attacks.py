@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from paper_repro.attacks import LinfThreat, fgsm_rs, pgd
+from paper_repro.robustness.attacks import LinfThreat, fgsm_rs, pgd
 
 EPS = 0.1
 

@@ -6,17 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from paper_repro.config import build_config, load_experiment, parse_override, resolve_row
+from paper_repro.config import build_config, load_experiment, parse_override
+from paper_repro.training.methods import resolve_row
 from paper_repro.errors import ConfigError
-from paper_repro.methods import get_method
+from paper_repro.training.methods import get_method
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _row(row, scale, **overrides):
     exp = load_experiment("table1")
-    method = exp.row(row)["method"]
-    return resolve_row(exp, row, scale, overrides=overrides, method_recipe=get_method(method).recipe)
+    return resolve_row(exp, row, scale, overrides=overrides)
 
 
 def test_paper_scale_rows_use_the_papers_setup():
@@ -105,8 +105,7 @@ def test_changing_the_schedule_drops_the_old_schedules_arguments():
 def test_controlled_runs_every_row_on_one_architecture():
     exp = load_experiment("table1")
     for row in exp.row_ids:
-        method = exp.row(row)["method"]
-        cfg = resolve_row(exp, row, "paper", method_recipe=get_method(method).recipe,
+        cfg = resolve_row(exp, row, "paper",
                           controlled_arch="preact-resnet18")
         assert cfg.arch == "preact-resnet18" and cfg.model_args == {}
         assert cfg.experiment == "table1-controlled-preact-resnet18"
@@ -124,8 +123,7 @@ def test_committed_results_keep_their_config_hash():
     for path in records:
         record = json.loads(path.read_text())
         row = path.parent.parent.name
-        cfg = resolve_row(exp, row, "cpu", seed=int(path.parent.name[4:]),
-                          method_recipe=get_method(exp.row(row)["method"]).recipe)
+        cfg = resolve_row(exp, row, "cpu", seed=int(path.parent.name[4:]))
         assert cfg.config_hash() == record["config_hash"], row
 
 
@@ -167,7 +165,8 @@ def test_an_experiment_file_sets_how_many_seeds_a_sweep_runs(tmp_path):
 
 def test_run_of_one_row_trains_one_seed_unless_asked(monkeypatch):
     """An experiment's `seeds` is for its sweeps: `run --experiment table1 --row R` is one run."""
-    from paper_repro import cli, pool
+    from paper_repro import cli
+    from paper_repro.orchestration import pool
     trained = []
     monkeypatch.setattr(pool, "train_all", lambda configs, slots, **kw:
                         trained.extend(cfg.seed for cfg in configs) or pool.Outcome())

@@ -460,7 +460,10 @@ def test_split_sizes_are_typed_once_on_the_registry():
     read them there, and none of them types a count again."""
     import inspect
 
-    from paper_repro import bench, export, gpucheck, plan
+    from paper_repro import export
+    from paper_repro.perf import bench
+    from paper_repro.perf import gpucheck
+    from paper_repro.perf import plan
     from paper_repro.config import build_config
     from paper_repro.data.registry import EXTRA_DATA
 

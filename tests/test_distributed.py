@@ -1,4 +1,4 @@
-"""paper_repro/distributed.py: data-parallel training with two local gloo processes, no SLURM.
+"""paper_repro/runtime/distributed.py: data-parallel training with two local gloo processes, no SLURM.
 
 One module fixture spawns two processes (torch.multiprocessing, gloo, world size 2, torchrun-
 style variables) that run, in one process group: the gradient arithmetic on an uneven split,
@@ -33,9 +33,10 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from paper_repro import results, runner
-from paper_repro.pretrained import safe_load
-from paper_repro.distributed import DataParallel, World, init_from_environment, split_sizes
+from paper_repro import results
+from paper_repro.training import runner
+from paper_repro.store.files import safe_load
+from paper_repro.runtime.distributed import DataParallel, World, init_from_environment, split_sizes
 from paper_repro.errors import ReproError
 from conftest import tiny_config
 
@@ -90,7 +91,7 @@ def _worker(rank: int, port: int, store: str) -> None:
         world = init_from_environment(torch.device("cpu"))
         out["world"] = [world.rank, world.world_size]
         out["units"] = _units(DataParallel(world, torch.device("cpu")), rank)
-        out["natural"] = runner.train(natural_config(store_path / "two"), quiet=True)
+        out["natural"] = runner.train_run(natural_config(store_path / "two"), quiet=True)
 
         real = runner.seed_epoch
 
@@ -101,16 +102,16 @@ def _worker(rank: int, port: int, store: str) -> None:
 
         runner.seed_epoch = stop_at_epoch_two
         try:
-            runner.train(natural_config(store_path / "resumed"), quiet=True)
+            runner.train_run(natural_config(store_path / "resumed"), quiet=True)
         except Interrupt:
             out["interrupted"] = True
         finally:
             runner.seed_epoch = real
-        out["resumed"] = runner.train(natural_config(store_path / "resumed"), quiet=True)
+        out["resumed"] = runner.train_run(natural_config(store_path / "resumed"), quiet=True)
         for method, extra in MULTI_PASS.items():
             cfg = tiny_config(store_path / method, method=method, epochs=1, train_subset=128,
                               **extra)
-            out[method] = runner.train(cfg, quiet=True)
+            out[method] = runner.train_run(cfg, quiet=True)
     except BaseException:
         out["error"] = traceback.format_exc()
         raise
@@ -162,7 +163,7 @@ def test_two_processes_train_like_one_within_tolerance(two_ranks, tmp_path):
     two = ranks[0]["natural"]
     assert ranks[1]["natural"] == {"rank": 1, "status": "done", "epochs_done": 3,
                                    "steps_done": two["steps_done"]}
-    one = runner.train(natural_config(tmp_path), quiet=True)
+    one = runner.train_run(natural_config(tmp_path), quiet=True)
     assert two["hardware"]["processes"] == 2 and one["hardware"]["processes"] == 1
     assert two["steps_done"] == one["steps_done"] == 3 * 8
     assert two["train_flops"] == one["train_flops"]  # each rank trained on half of each batch

@@ -14,17 +14,19 @@ import pandas as pd
 import pytest
 import torch
 
-from paper_repro import cli, results, runner
-from paper_repro.checkpoints import load_checkpoint, restore
-from paper_repro.config import build_config, load_experiment, resolve_row
+from paper_repro import cli, results
+from paper_repro.training import runner
+from paper_repro.store.checkpoints import load_checkpoint, restore
+from paper_repro.config import build_config, load_experiment
+from paper_repro.training.methods import resolve_row
 from paper_repro.data import dataset_info
 from paper_repro.data.splits import load_test_set
 from paper_repro.errors import ConfigError
-from paper_repro.evaluation import final_evaluation
+from paper_repro.robustness.evaluation import final_evaluation
 from paper_repro.export import export_model, load_model
-from paper_repro.methods import get_method
+from paper_repro.training.methods import get_method
 from paper_repro.models import build_model
-from paper_repro.pretrained import safe_load
+from paper_repro.store.files import safe_load
 from paper_repro.report.tables import table_frame
 from conftest import tiny_config
 
@@ -81,7 +83,7 @@ def test_best_pt_is_the_epoch_with_the_highest_validation_score(tmp_path, monkey
     cfg = tiny_config(tmp_path, method="pgd_at", epochs=3, val_n=VAL_N)
     _plant(monkeypatch, scores)
     saved = _record_weights(monkeypatch)
-    record = runner.train(cfg, quiet=True)
+    record = runner.train_run(cfg, quiet=True)
     stored = _best(cfg)
     assert stored["epoch"] == best and stored["val_pgd_acc"] == max(scores)  # ties: earliest
     assert _same(stored["model"], saved[best])
@@ -102,9 +104,9 @@ def test_a_resumed_run_keeps_its_best_so_far(tmp_path, monkeypatch, scores, best
     _plant(monkeypatch, scores)
     before = _record_weights(monkeypatch, die_after=2)
     with pytest.raises(Interrupt):
-        runner.train(cfg, quiet=True)
+        runner.train_run(cfg, quiet=True)
     after = _record_weights(monkeypatch)
-    record = runner.train(cfg, resume=True, quiet=True)
+    record = runner.train_run(cfg, resume=True, quiet=True)
     assert list(after) == [3]  # only epoch 3 was trained again
     assert _best(cfg)["epoch"] == best and _same(_best(cfg)["model"], before[best])
     assert record["best_epoch"] == best and record["best_val_pgd_acc"] == 30
@@ -119,10 +121,10 @@ def test_a_kill_between_best_pt_and_its_checkpoint_restores_the_checkpoints_best
     _plant(monkeypatch, [10, 30, 5, 7])
     saved = _record_weights(monkeypatch, die_before=2)
     with pytest.raises(Interrupt):
-        runner.train(cfg, quiet=True)
+        runner.train_run(cfg, quiet=True)
     assert _best(cfg)["epoch"] == 2  # written before the checkpoint that never came
     _record_weights(monkeypatch)
-    record = runner.train(cfg, resume=True, quiet=True)
+    record = runner.train_run(cfg, resume=True, quiet=True)
     assert record["best_epoch"] == 1 and record["best_val_pgd_acc"] == 10
     assert _best(cfg)["epoch"] == 1 and _same(_best(cfg)["model"], saved[1])
 
@@ -130,10 +132,10 @@ def test_a_kill_between_best_pt_and_its_checkpoint_restores_the_checkpoints_best
 def test_asking_a_done_run_for_more_evaluation_measures_its_best_epoch_too(tmp_path,
                                                                           monkeypatch):
     _plant(monkeypatch, [10, 30, 20])
-    first = runner.train(tiny_config(tmp_path, method="pgd_at", epochs=3, val_n=VAL_N,
+    first = runner.train_run(tiny_config(tmp_path, method="pgd_at", epochs=3, val_n=VAL_N,
                                      eval_checks=False), quiet=True)
     assert "checks" not in first and "best_checks" not in first
-    again = runner.train(tiny_config(tmp_path, method="pgd_at", epochs=3, val_n=VAL_N),
+    again = runner.train_run(tiny_config(tmp_path, method="pgd_at", epochs=3, val_n=VAL_N),
                          quiet=True)  # the same run (checks are not hashed): re-evaluated
     assert again["checks"] and again["best_checks"] and again["best_epoch"] == 2
     assert again["best_clean_acc"] == first["best_clean_acc"] != again["clean_acc"]
@@ -141,7 +143,7 @@ def test_asking_a_done_run_for_more_evaluation_measures_its_best_epoch_too(tmp_p
 
 def test_a_checkpoint_from_before_validation_splits_still_loads(tmp_path):
     cfg = tiny_config(tmp_path, epochs=1)
-    runner.train(cfg, quiet=True)
+    runner.train_run(cfg, quiet=True)
     ckpt = load_checkpoint(results.run_dir(cfg.results_dir, cfg.run_path) / "checkpoint.pt", cfg)
     assert ckpt["best_epoch"] is None
     del ckpt["best_epoch"], ckpt["best_val_pgd_acc"]  # the format before this change
@@ -156,7 +158,7 @@ def test_without_a_validation_split_nothing_changes(tmp_path):
     and a run without the split writes what it wrote before: no best.pt, no val_* columns, no
     best_* record keys."""
     exp = load_experiment("regime")  # committed runs without a validation split
-    cfg = resolve_row(exp, "mlp512-1k", "cpu", method_recipe=get_method("pgd_at").recipe)
+    cfg = resolve_row(exp, "mlp512-1k", "cpu")
     stored = REPO / "results" / "runs" / "cpu" / "regime" / "mlp512-1k" / "seed0" / "config.json"
     assert cfg.val_n == 0
     assert cfg.config_hash() == json.loads(stored.read_text())["config_hash"] == \
@@ -169,7 +171,7 @@ def test_without_a_validation_split_nothing_changes(tmp_path):
         assert build_config((str(path), values)).config_hash() == want, path
 
     run = tiny_config(tmp_path, epochs=1)
-    record = runner.train(run, quiet=True)
+    record = runner.train_run(run, quiet=True)
     directory = results.run_dir(run.results_dir, run.run_path)
     assert not (directory / "best.pt").exists()
     assert not [k for k in record if k.startswith(("best_", "val_"))]
@@ -237,7 +239,6 @@ def test_select_changes_which_checkpoint_is_shown_and_nothing_else(tmp_path, mon
 
     # the record's two sets of numbers are the protocol on checkpoint.pt and on best.pt
     cfg = resolve_row(load_experiment(experiment), "pgd_at", "smoke",
-                      method_recipe=get_method("pgd_at").recipe,
                       overrides={"results_dir": str(store), "deterministic": True})
     assert cfg.config_hash() == record["config_hash"]
     test_x, test_y = load_test_set(cfg)

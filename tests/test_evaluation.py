@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from paper_repro import results, runner
+from paper_repro import results
+from paper_repro.training import runner
 from paper_repro.errors import CheckpointError
-from paper_repro.evaluation import (LARGE_EPS_MAX_ACC, PGD100_MARGIN_PP, evaluate, fixed_subset,
+from paper_repro.robustness.evaluation import (LARGE_EPS_MAX_ACC, PGD100_MARGIN_PP, evaluate, fixed_subset,
                                     pgd_attack, correct_flags, sanity_checks)
 from conftest import tiny_config
 
@@ -148,7 +149,7 @@ def test_our_pgd_matches_torchattacks_pgd(trained_model, fashion_test, eps):
 
 def test_a_done_run_lacking_autoattack_is_evaluated_without_retraining(tmp_path):
     cfg = tiny_config(tmp_path, method="pgd_at", aa_n=0, eval_checks=False)
-    first = runner.train(cfg, quiet=True)
+    first = runner.train_run(cfg, quiet=True)
     assert "aa_acc" not in first and "checks" not in first
     directory = results.run_dir(cfg.results_dir, cfg.run_path)
     kept = {name: ((directory / name).read_bytes(), (directory / name).stat().st_mtime_ns)
@@ -156,7 +157,7 @@ def test_a_done_run_lacking_autoattack_is_evaluated_without_retraining(tmp_path)
 
     cfg_aa = tiny_config(tmp_path, method="pgd_at", aa_n=20)
     assert cfg_aa.config_hash() == cfg.config_hash()  # evaluation settings are not identity
-    record = runner.train(cfg_aa, quiet=True)
+    record = runner.train_run(cfg_aa, quiet=True)
     assert record["aa_n"] == 20 and record["aa_acc"] <= record["aa_pgd_acc"] + 0.5
     assert record["checks"] and record["status"] == "done"
     for key in ("clean_acc", "pgd_acc", "train_time_s", "train_flops", "steps_done"):
@@ -169,19 +170,19 @@ def test_a_done_run_lacking_autoattack_is_evaluated_without_retraining(tmp_path)
     assert json.loads((directory / "config.json").read_text())["aa_n"] == 20
 
     mtime = (directory / "record.json").stat().st_mtime_ns
-    assert runner.train(cfg_aa, quiet=True) == record  # nothing more to do: untouched
+    assert runner.train_run(cfg_aa, quiet=True) == record  # nothing more to do: untouched
     assert (directory / "record.json").stat().st_mtime_ns == mtime
-    assert runner.train(cfg, quiet=True) == record     # asking for less removes nothing
+    assert runner.train_run(cfg, quiet=True) == record     # asking for less removes nothing
 
 
 def test_reevaluation_without_a_checkpoint_says_what_to_do(tmp_path):
     cfg = tiny_config(tmp_path, aa_n=0, eval_checks=False)
-    runner.train(cfg, quiet=True)
+    runner.train_run(cfg, quiet=True)
     directory = results.run_dir(cfg.results_dir, cfg.run_path)
     (directory / "checkpoint.pt").unlink()
     before = (directory / "record.json").read_text()
     with pytest.raises(CheckpointError, match="no checkpoint.pt") as info:
-        runner.train(tiny_config(tmp_path, aa_n=10), quiet=True)
+        runner.train_run(tiny_config(tmp_path, aa_n=10), quiet=True)
     assert "\n" not in str(info.value)
     assert (directory / "record.json").read_text() == before
 

@@ -6,17 +6,17 @@ import pytest
 
 from paper_repro import results
 from paper_repro.cli import main
-from paper_repro.config import load_experiment, resolve_row
+from paper_repro.config import load_experiment
+from paper_repro.training.methods import resolve_row
 from paper_repro.errors import ConfigError
-from paper_repro.methods import get_method
 from paper_repro.report.figures import write_figures
 from paper_repro.report.tables import display_frame, table_frame
-from paper_repro.pipeline import pretrain_config
+from paper_repro.training.pipeline import pretrain_config
 
 
 def _resolve(name, row, scale):
     exp = load_experiment(name)
-    return resolve_row(exp, row, scale, method_recipe=get_method(exp.row(row)["method"]).recipe)
+    return resolve_row(exp, row, scale)
 
 
 @pytest.mark.parametrize("name", ["table2", "table3", "fig1", "fig4"])

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from paper_repro import cli, export, load_model, load_test_images, local, results
+from paper_repro import cli, export, load_model, load_test_images, results
+from paper_repro.orchestration import local
 from paper_repro.config import build_config
 from paper_repro.errors import CheckpointError, DataError, ReproError
-from paper_repro.evaluation import fixed_subset
+from paper_repro.robustness.evaluation import fixed_subset
 from paper_repro.models.registry import Normalize
 from conftest import tiny_config
 
@@ -29,7 +30,7 @@ def aft_store(tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     cfg = tiny_config(store, method="aft", experiment="table1", pretrain={"epochs": 1})
     try:
-        record = local.train(cfg, quiet=True)  # its pre-training first
+        record = local.train_with_prerequisites(cfg, quiet=True)  # its pre-training first
     except DataError as e:
         pytest.skip(f"Fashion-MNIST not installed ({e})")
     assert record["run_path"] == RUN and record["status"] == "done"
@@ -238,7 +239,7 @@ def test_the_autoattack_images_are_the_ones_the_records_aa_clean_acc_is_measured
     """load_test_images(run, subset="aa") gives the images of the record's AutoAttack numbers
     (not the first aa_n PGD images): the model's clean accuracy on them is aa_clean_acc."""
     cfg = tiny_config(tmp_path, method="natural", experiment="table1", eval_n=40, aa_n=20)
-    record = local.train(cfg, quiet=True)
+    record = local.train_with_prerequisites(cfg, quiet=True)
     run = record["run_path"]
     model = load_model(run, results_dir=tmp_path)
     x, y = load_test_images(run, subset="aa", results_dir=tmp_path)

@@ -20,7 +20,10 @@ import pandas as pd
 import pytest
 import torch
 
-from paper_repro import cli, provenance, results, runner
+from paper_repro import cli, results
+from paper_repro.runtime import provenance
+from paper_repro.store import locks
+from paper_repro.training import runner
 from paper_repro.errors import CheckpointError
 from paper_repro.report.tables import display_frame, table_frame
 from conftest import tiny_config
@@ -172,12 +175,12 @@ def test_a_save_stopped_between_its_renames_leaves_checkpoint_pt(tmp_path, monke
 
 def test_no_usable_checkpoint_is_one_clear_error(tmp_path, cifar_root):
     cfg = _tiny(cifar_root, tmp_path, epochs=1)
-    runner.train(cfg, quiet=True)
+    runner.train_run(cfg, quiet=True)
     directory = results.run_dir(cfg.results_dir, cfg.run_path)
     (directory / "record.json").unlink()  # pretend it never finished
     (directory / "checkpoint.pt").write_bytes(b"torn")
     with pytest.raises(CheckpointError, match="no usable checkpoint"):
-        runner.train(cfg, quiet=True)
+        runner.train_run(cfg, quiet=True)
 
 
 def test_a_run_being_trained_is_not_trained_twice(tmp_path, cifar_root):
@@ -187,25 +190,25 @@ def test_a_run_being_trained_is_not_trained_twice(tmp_path, cifar_root):
     with results.run_lock(directory):
         assert results.is_locked(directory)
         with pytest.raises(runner.ReproError, match="being trained by another process"):
-            runner.train(cfg, quiet=True)
+            runner.train_run(cfg, quiet=True)
     assert not results.is_locked(directory)
-    assert runner.train(cfg, quiet=True)["status"] == results.STATUS_DONE
+    assert runner.train_run(cfg, quiet=True)["status"] == results.STATUS_DONE
 
 
 def test_a_store_that_cannot_lock_warns_once_and_the_record_says_so(tmp_path, monkeypatch,
                                                                     capsys):
     """A file system without locks (some NFS mounts): the run trains unguarded, says so in one
     warning line, and its record has `locked: false`; a locked run's record has no such key."""
-    locked_run = runner.train(tiny_config(tmp_path / "locks", epochs=1), quiet=True)
+    locked_run = runner.train_run(tiny_config(tmp_path / "locks", epochs=1), quiet=True)
     assert "locked" not in locked_run
     capsys.readouterr()
 
     def no_locks(fd: int, operation: int) -> None:
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(results.fcntl, "flock", no_locks)
+    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
     cfg = tiny_config(tmp_path / "nfs", epochs=1)
-    record = runner.train(cfg, quiet=True)
+    record = runner.train_run(cfg, quiet=True)
     warnings = [line for line in capsys.readouterr().err.splitlines() if "lock" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: cannot lock")
     assert os.strerror(errno.ENOLCK) in warnings[0]
@@ -222,7 +225,7 @@ def test_divergence_fails_the_run_and_the_table_says_so(tmp_path, cifar_root, ca
                 schedule_args={"milestones": [0.5], "gamma": 1e30})
     directory = results.run_dir(cfg.results_dir, cfg.run_path)
     with pytest.raises(runner.TrainingDiverged, match="diverged at epoch 2"):
-        runner.train(cfg, quiet=True)
+        runner.train_run(cfg, quiet=True)
     record = results.read_record(directory)
     assert record["status"] == results.STATUS_FAILED and record["failed_epoch"] == 2
     assert "non-finite" in record["reason"] and "clean_acc" not in record
@@ -300,7 +303,7 @@ def test_fifty_processes_finishing_runs_at_once(tmp_path):
 
 def test_every_record_says_where_it_came_from(tmp_path, cifar_root):
     cfg = _tiny(cifar_root, tmp_path, epochs=1)
-    record = runner.train(cfg, quiet=True)
+    record = runner.train_run(cfg, quiet=True)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                           text=True).stdout.strip()
     code = record["code"]

@@ -15,9 +15,9 @@ from baselines.fast_at import FastAT, FastSettings
 from paper_repro.config import build_config
 from paper_repro.data import ArrayLoader
 from paper_repro.errors import ConfigError, DataError
-from paper_repro.methods import Context, get_method
+from paper_repro.training.methods import Context, get_method
 from paper_repro.models import create_model
-from paper_repro.schedules import make_schedule
+from paper_repro.training.schedules import make_schedule
 
 EPS = 8 / 255
 
@@ -239,8 +239,8 @@ def test_guard_state_survives_a_resume(monkeypatch):
 
 def test_runner_stops_and_keeps_the_restored_weights(tmp_path, monkeypatch):
     from paper_repro.results import run_dir
-    from paper_repro.pretrained import safe_load
-    from paper_repro.runner import train
+    from paper_repro.store.files import safe_load
+    from paper_repro.training.runner import train_run
 
     at_check = []
 
@@ -257,7 +257,7 @@ def test_runner_stops_and_keeps_the_restored_weights(tmp_path, monkeypatch):
                                  "results_dir": str(tmp_path)}),
                        method="fast_at", method_args={"early_stop": True})
     try:
-        record = train(cfg, quiet=True)
+        record = train_run(cfg, quiet=True)
     except DataError as e:  # as conftest: no data, no end-to-end run
         pytest.skip(f"Fashion-MNIST not installed ({e})")
     assert record["status"] == "done"

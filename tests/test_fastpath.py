@@ -8,11 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from paper_repro import attacks, bench, fastpath, probes
+from paper_repro.robustness import attacks
+from paper_repro.perf import bench
+from paper_repro.runtime import fastpath
+from paper_repro.perf import probes
 from paper_repro.cli import main
 from paper_repro.config import build_config
 from paper_repro.models import create_model
-from paper_repro.runner import train
+from paper_repro.training.runner import train_run
 from conftest import tiny_config
 
 EPS = 0.1
@@ -123,8 +126,8 @@ def test_bf16_runs_the_stem_in_fp32_and_the_rest_in_bf16():
 
 
 def test_runner_records_the_resolved_precision_and_trains_in_bf16(tmp_path):
-    fp32 = train(tiny_config(tmp_path / "a", method="pgd_at", epochs=1), quiet=True)
-    bf16 = train(tiny_config(tmp_path / "b", method="pgd_at", epochs=1, precision="bf16"),
+    fp32 = train_run(tiny_config(tmp_path / "a", method="pgd_at", epochs=1), quiet=True)
+    bf16 = train_run(tiny_config(tmp_path / "b", method="pgd_at", epochs=1, precision="bf16"),
                  quiet=True)
     assert fp32["precision"] == "fp32" and bf16["precision"] == "bf16"
     assert fp32["config_hash"] != bf16["config_hash"]  # a bf16 run is a different result

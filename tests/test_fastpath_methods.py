@@ -17,7 +17,7 @@ seed, data and initial weights. Tolerances:
     where KL(f(x) ‖ f(x_adv)) and its gradient are ~0, so the sign of some gradient entries is
     the sign of rounding noise and the order of sums moves x_adv: 1e-3 × max(1, loss) there
     (measured: trades_awp channels_last 4.8e-4 at loss 2.36).
-A compiled run's checkpoint (runner.train, compile=True) loads into an eager model, which
+A compiled run's checkpoint (runner.train_run, compile=True) loads into an eager model, which
 reproduces the run's clean accuracy.
 
 Compile backend: "aot_eager" for every method, plus inductor (bf16 + channels_last + compile,
@@ -41,13 +41,16 @@ import torch
 import torch.nn as nn
 from torch._dynamo.utils import counters
 
-from paper_repro import bench, fastpath, probes, results
-from paper_repro.bench import Bench
+from paper_repro import results
+from paper_repro.perf import bench
+from paper_repro.runtime import fastpath
+from paper_repro.perf import probes
+from paper_repro.perf.bench import Bench
 from paper_repro.data import dataset_info, load_arrays
 from paper_repro.errors import DataError
-from paper_repro.evaluation import clean_accuracy
+from paper_repro.robustness.evaluation import clean_accuracy
 from paper_repro.models import create_model
-from paper_repro.runner import train
+from paper_repro.training.runner import train_run
 from conftest import tiny_config
 
 METHODS = ("natural", "pgd_at", "free_at", "fast_at", "yopo", "atta", "aft", "trades", "mart",
@@ -200,7 +203,7 @@ def test_the_compiled_graph_probe_sees_weight_gradients_when_attacks_do_not_free
         monkeypatch):
     """pytorch#132929: without frozen parameters the compiled backward computes their
     gradients although autograd.grad asks for the input's only, and .grad stays untouched."""
-    monkeypatch.setattr("paper_repro.attacks.frozen_parameters",
+    monkeypatch.setattr("paper_repro.robustness.attacks.frozen_parameters",
                         lambda model: contextlib.nullcontext())
     torch._dynamo.reset()
     b = _bench("pgd_at", precision="fp32", compile=True)
@@ -222,7 +225,7 @@ def test_a_compiled_runs_checkpoint_loads_into_an_eager_model(tmp_path, monkeypa
     torch._dynamo.reset()
     frames = counters["frames"]["total"]
     cfg = tiny_config(tmp_path, method="pgd_at", epochs=2, compile=True)
-    record = train(cfg, quiet=True)  # epoch 1 counts FLOPs eagerly; epoch 2 runs compiled
+    record = train_run(cfg, quiet=True)  # epoch 1 counts FLOPs eagerly; epoch 2 runs compiled
     assert record["status"] == "done" and record["compiled"] is True
     assert counters["frames"]["total"] > frames, "the run did not compile"
     ckpt = torch.load(results.run_dir(cfg.results_dir, cfg.run_path) / "checkpoint.pt",

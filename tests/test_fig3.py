@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from paper_repro import local, results, runner
+from paper_repro import results
+from paper_repro.orchestration import local
+from paper_repro.training import runner
 from paper_repro.data import dataset_info
-from paper_repro.report import figures
+from paper_repro.report import figures, plots
 from conftest import tiny_config
 
 
@@ -50,7 +52,7 @@ def test_fig3_draws_one_panel_per_model_with_the_class_names_in_a_legend(tmp_pat
     fig = figures.fig3_features(points, names)
     assert [ax.get_title() for ax in fig.axes] == ["(a) Natural", "(b) PGD AT", "(c) AFT"]
     assert [t.get_text() for t in fig.legends[0].get_texts()] == names
-    paths = figures._save(fig, tmp_path, "fig3")
+    paths = plots.save_figure(fig, tmp_path, "fig3")
     assert [p.name for p in paths] == ["fig3.png", "fig3.pdf"]
     assert all(p.stat().st_size > 1000 for p in paths)
     assert paths[0].read_bytes()[:4] == b"\x89PNG" and paths[1].read_bytes()[:4] == b"%PDF"
@@ -60,7 +62,7 @@ def test_fig3_from_checkpoints_then_from_the_stored_points_alone(tmp_path):
     """aggregate redraws Fig 3 from results/ (the points CSV) once checkpoints are gone."""
     for method in ("natural", "pgd_at", "aft"):
         extra = {"pretrain": {"epochs": 1}} if method == "aft" else {}
-        local.train(tiny_config(tmp_path, method=method, experiment="table1", epochs=1,
+        local.train_with_prerequisites(tiny_config(tmp_path, method=method, experiment="table1", epochs=1,
                                 **extra), quiet=True)
     out = tmp_path / "figures" / "smoke"
     written = figures.write_figures("smoke", tmp_path)
@@ -84,7 +86,7 @@ def test_fig3_from_checkpoints_then_from_the_stored_points_alone(tmp_path):
 
 
 def test_fig3_needs_all_three_runs(tmp_path):
-    runner.train(tiny_config(tmp_path, method="natural", experiment="table1", epochs=1),
+    runner.train_run(tiny_config(tmp_path, method="natural", experiment="table1", epochs=1),
                  quiet=True)
     assert figures.fig3_points(results.load(tmp_path)) is None
     assert not any(p.name.startswith("fig3") for p in figures.write_figures("smoke", tmp_path))

@@ -15,9 +15,9 @@ from baselines.free_at import FreeAT, FreeSettings
 from paper_repro.config import build_config
 from paper_repro.data import ArrayLoader
 from paper_repro.errors import ConfigError, DataError
-from paper_repro.methods import Context, get_method
+from paper_repro.training.methods import Context, get_method
 from paper_repro.models import create_model
-from paper_repro.schedules import make_schedule
+from paper_repro.training.schedules import make_schedule
 
 EPS = 8 / 255
 
@@ -276,7 +276,7 @@ def test_recipe_is_the_reference_one():
 
 
 def test_runs_end_to_end_through_the_runner(tmp_path):
-    from paper_repro.runner import train
+    from paper_repro.training.runner import train_run
 
     cfg = build_config(("free_at recipe", FreeAT.recipe),
                        ("tiny", {"dataset": "fashion-mnist", "arch": "cnn-small",
@@ -286,7 +286,7 @@ def test_runs_end_to_end_through_the_runner(tmp_path):
                                  "results_dir": str(tmp_path)}),
                        method="free_at", method_args={"replays": 2})
     try:
-        record = train(cfg, quiet=True)
+        record = train_run(cfg, quiet=True)
     except DataError as e:  # as conftest: no data, no end-to-end run
         pytest.skip(f"Fashion-MNIST not installed ({e})")
     assert record["status"] == "done"

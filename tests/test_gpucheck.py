@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from paper_repro import gpucheck
+from paper_repro.perf import gpucheck
 from paper_repro.cli import main
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from paper_repro import bench, gpus, plan
+from paper_repro.perf import bench
+from paper_repro.perf import gpus
+from paper_repro.perf import plan
 from paper_repro.cli import main
 from paper_repro.config import build_config
 from paper_repro.errors import ConfigError

@@ -289,7 +289,7 @@ def test_mlp_trains_under_every_table1_method(method: str) -> None:
     Hamiltonian)."""
     import dataclasses
 
-    from paper_repro import bench
+    from paper_repro.perf import bench
 
     cfg = bench.bench_config(method, "mlp", 8, dataset="fashion-mnist", device="cpu",
                              precision="fp32", model_args={"width": 16})

@@ -15,15 +15,15 @@ import torch.nn as nn
 from baselines.awp import ATAWP, TRADESAWP, WeightPerturbation, perturbed_weights
 from baselines.mart import MART, MARTObjective, mart_loss
 from baselines.trades import TRADES, TRADESObjective, kl_attack, trades_loss
-from paper_repro import probes
-from paper_repro.aft import AFT, AFTSettings
-from paper_repro.attacks import per_example_kl
+from paper_repro.perf import probes
+from baselines.aft import AFT, AFTSettings
+from paper_repro.robustness.attacks import per_example_kl
 from paper_repro.config import HASH_STABLE_METHOD_ARGS, build_config
 from paper_repro.data import ArrayLoader
 from paper_repro.errors import ConfigError
-from paper_repro.methods import Context, get_method
+from paper_repro.training.methods import Context, get_method
 from paper_repro.models import create_model
-from paper_repro.schedules import make_schedule
+from paper_repro.training.schedules import make_schedule
 
 EPS = 0.1
 NEW_METHODS = ("trades", "mart", "at_awp", "trades_awp")
@@ -281,17 +281,17 @@ def test_aft_new_settings_stay_out_of_the_hash_at_their_defaults():
 # --- the modern experiment ----------------------------------------------------------------------
 
 def _resolve(name: str, row: str, scale: str, seed: int = 0):
-    from paper_repro.config import load_experiment, resolve_row
+    from paper_repro.config import load_experiment
+    from paper_repro.training.methods import resolve_row
     exp = load_experiment(name)
-    return resolve_row(exp, row, scale, seed=seed,
-                       method_recipe=get_method(exp.row(row)["method"]).recipe)
+    return resolve_row(exp, row, scale, seed=seed)
 
 
 @pytest.mark.parametrize("scale", ["paper", "cpu", "smoke"])
 def test_modern_reuses_table1_runs_and_pretraining(scale):
     """PGD AT and AFT are Table 1's runs (same hash and folder); AFT-* share its pre-training."""
     from paper_repro.config import load_experiment
-    from paper_repro.pipeline import pretrain_config
+    from paper_repro.training.pipeline import pretrain_config
     exp = load_experiment("modern")
     for row, source in (("pgd_at", "pgd_at"), ("pgd_at_es", "pgd_at"), ("aft", "aft")):
         mine, theirs = _resolve("modern", row, scale, 1), _resolve("table1", source, scale, 1)

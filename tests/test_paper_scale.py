@@ -17,9 +17,10 @@ import torch
 import torchvision
 
 from paper_repro import train  # trains a row's prerequisites (pre-training, teacher) first
-from paper_repro.config import build_config, load_experiment, resolve_row
+from paper_repro.config import build_config, load_experiment
+from paper_repro.training.methods import resolve_row
 from paper_repro.errors import ConfigError
-from paper_repro.methods import get_method
+from paper_repro.training.methods import get_method
 from test_data import _cifar_rows, _write_cifar10, _write_image_folder, _write_pickle
 
 TABLE1 = load_experiment("table1")
@@ -31,11 +32,9 @@ SHRUNK = {"max_steps": 1, "batch_size": 2, "eval_n": 2, "eval_steps": 1, "monito
 
 
 def _one_step(experiment, row, overrides):
-    method = experiment.row(row)["method"]
     if experiment.scales["paper"].get("val_n"):  # Rice's 1,000 would leave no tiny set to train
         overrides = {"val_n": 2, **overrides}
-    cfg = resolve_row(experiment, row, "paper", overrides={**SHRUNK, **overrides},
-                      method_recipe=get_method(method).recipe)
+    cfg = resolve_row(experiment, row, "paper", overrides={**SHRUNK, **overrides})
     return cfg, train(cfg, quiet=True)
 
 

@@ -8,34 +8,33 @@ import json
 import pytest
 import torch
 
-from paper_repro import local, results
-from paper_repro.checkpoints import load_weights
+from paper_repro import results
+from paper_repro.orchestration import local
+from paper_repro.models.weights import load_weights
 from paper_repro.data import dataset_info
 from paper_repro.data.splits import load_test_set
-from paper_repro.evaluation import final_evaluation
-from paper_repro.flops import TotalFlopCounter
+from paper_repro.robustness.evaluation import final_evaluation
+from paper_repro.training.flops import TotalFlopCounter
 from paper_repro.models import build_model
 from paper_repro.cli import main
-from paper_repro.config import load_experiment, resolve_row
-from paper_repro.methods import get_method
-from paper_repro.gpus import get_gpu
-from paper_repro.plan import plan_costs, render
+from paper_repro.config import load_experiment
+from paper_repro.training.methods import resolve_row
+from paper_repro.perf.gpus import get_gpu
+from paper_repro.perf.plan import plan_costs, render
 
 TABLE1 = load_experiment("table1")
 
 
 def _smoke_row(row: str, store) -> object:
-    method = TABLE1.row(row)["method"]
     return resolve_row(TABLE1, row, "smoke", overrides={"results_dir": str(store),
-                                                        "eval_checks": False},
-                       method_recipe=get_method(method).recipe)
+                                                        "eval_checks": False})
 
 
 @pytest.mark.parametrize("row", ["free_at", "aft"])  # replays; a pre-training first
 def test_planned_steps_and_flops_are_what_the_run_records(tmp_path, row):
     cfg = _smoke_row(row, tmp_path)
     costs = plan_costs([cfg], "h100", bench_dir=tmp_path / "no-bench")
-    local.train(cfg, quiet=True)
+    local.train_with_prerequisites(cfg, quiet=True)
     assert [c.run_path for c in costs][-1] == cfg.run_path
     assert len(costs) == (2 if row == "aft" else 1)  # AFT: its natural pre-training first
     for cost in costs:

@@ -1,4 +1,4 @@
-"""The local pool (paper_repro/pool.py): K runs at once over the graph of runs, each after what
+"""The local pool (paper_repro/orchestration/pool.py): K runs at once over the graph of runs, each after what
 it needs, a failed run's dependents blocked, Ctrl-C stopping every child, GPUs handed out."""
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from paper_repro import cli, pool, results
-from paper_repro.config import load_experiment, resolve_row
-from paper_repro.methods import get_method
+from paper_repro import cli, results
+from paper_repro.orchestration import pool
+from paper_repro.config import load_experiment
+from paper_repro.training.methods import resolve_row
+from paper_repro.training.methods import get_method
 
 # natural and the AFT(+500K) chain: teacher (= AFT's pre-training) -> student pre-training ->
 # fine-tune, plus AFT on the teacher: five runs, two independent branches
@@ -27,8 +29,7 @@ VOLATILE = {"started_at", "started_at_unix", "finished_at", "finished_at_unix", 
 def _configs(store: Path, rows=ROWS, seeds=(0,), **overrides):
     exp = load_experiment("table1")
     return [resolve_row(exp, row, "smoke", seed=seed,
-                        overrides={"results_dir": str(store), **overrides},
-                        method_recipe=get_method(exp.row(row)["method"]).recipe)
+                        overrides={"results_dir": str(store), **overrides})
             for row in rows for seed in seeds]
 
 
@@ -230,7 +231,7 @@ def test_adhoc_runs_honour_the_scale(tmp_path, capsys):
     config = json.loads((results.run_dir(tmp_path, "smoke/adhoc/pgd_at/seed0")
                          / "config.json").read_text())
     exp = load_experiment("table1")
-    table1 = resolve_row(exp, "pgd_at", "smoke", method_recipe=get_method("pgd_at").recipe)
+    table1 = resolve_row(exp, "pgd_at", "smoke")
     for key in ("dataset", "arch", "model_args", "train_subset", "eps", "epochs", "eval_n",
                 "val_n", "batch_size", "lr"):
         assert config[key] == getattr(table1, key), key

@@ -9,7 +9,9 @@ import pytest
 import torch
 import torchvision
 
-from paper_repro import pretrained, results, runner
+from paper_repro import results
+from paper_repro.models import pretrained
+from paper_repro.training import runner
 from paper_repro.data import dataset_info
 from paper_repro.models import build_model
 from paper_repro.cli import main
@@ -164,9 +166,9 @@ def test_a_timm_state_dict_file_loads_into_the_timm_architecture(tmp_path):
 
 def test_our_checkpoint_and_run_id_load_the_same_weights(tmp_path):
     cfg = tiny_config(tmp_path, epochs=1)
-    runner.train(cfg, quiet=True)
+    runner.train_run(cfg, quiet=True)
     ckpt = results.run_dir(cfg.results_dir, cfg.run_path) / "checkpoint.pt"
-    expected = pretrained.safe_load(ckpt)["model"]
+    expected = results.safe_load(ckpt)["model"]
 
     def fresh():
         return build_model(cfg, dataset_info(cfg.dataset))
@@ -244,7 +246,7 @@ def test_finetune_from_torchvision_records_the_replaced_head(torch_home, tmp_pat
                       data_root=str(tmp_path / "data"), arch=f"torchvision:{TV_NAME}",
                       model_args={}, init=f"torchvision:{TV_NAME}", batch_size=16, epochs=1,
                       max_steps=2, method_args={"steps": 1}, eval_n=8, monitor_n=0)
-    record = runner.train(cfg, quiet=True)
+    record = runner.train_run(cfg, quiet=True)
     assert record["status"] == "done"
     assert record["pretrain_source"] == f"torchvision:{TV_NAME}:IMAGENET1K_V1"
     assert "head replaced: the weights have 1000 classes, the model 10" in record["init_note"]
@@ -252,7 +254,7 @@ def test_finetune_from_torchvision_records_the_replaced_head(torch_home, tmp_pat
 
 def test_finetune_cli_takes_the_architecture_from_the_init(monkeypatch, tmp_path):
     seen = {}
-    monkeypatch.setattr(runner, "train", lambda cfg, **kw: seen.setdefault("cfg", cfg) and {})
+    monkeypatch.setattr(runner, "train_run", lambda cfg, **kw: seen.setdefault("cfg", cfg) and {})
     monkeypatch.setattr("paper_repro.cli._report", lambda record, select="final": None)
     main(["finetune", "--init", "torchvision:resnet50:IMAGENET1K_V1", "--dataset", "cifar10",
           "--results-dir", str(tmp_path)])

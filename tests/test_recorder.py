@@ -8,7 +8,9 @@ import sys
 import pandas as pd
 import pytest
 
-from paper_repro import recorder, results, runner
+from paper_repro import results
+from paper_repro.training import recorder
+from paper_repro.training import runner
 from conftest import tiny_config
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -39,7 +41,7 @@ def _assert_scalars_equal_csv(directory) -> dict[str, list[tuple[int, float]]]:
 
 def test_a_runs_event_file_holds_its_metrics(tmp_path):
     cfg = tiny_config(tmp_path, method="pgd_at", epochs=3)
-    record = runner.train(cfg, quiet=True)
+    record = runner.train_run(cfg, quiet=True)
     directory = results.run_dir(cfg.results_dir, cfg.run_path)
     scalars = _assert_scalars_equal_csv(directory)
     assert len(scalars["epoch/test_pgd_acc"]) == 3
@@ -48,7 +50,7 @@ def test_a_runs_event_file_holds_its_metrics(tmp_path):
 
 def test_a_resumed_run_has_the_events_of_an_uninterrupted_one(tmp_path, monkeypatch):
     straight_cfg = tiny_config(tmp_path / "a", epochs=3)
-    runner.train(straight_cfg, quiet=True)
+    runner.train_run(straight_cfg, quiet=True)
     cfg = tiny_config(tmp_path / "b", epochs=3)
     directory = results.run_dir(cfg.results_dir, cfg.run_path)
     real = runner.seed_epoch
@@ -60,9 +62,9 @@ def test_a_resumed_run_has_the_events_of_an_uninterrupted_one(tmp_path, monkeypa
 
     monkeypatch.setattr(runner, "seed_epoch", stop_at_epoch_two)
     with pytest.raises(KeyboardInterrupt):
-        runner.train(cfg, quiet=True)
+        runner.train_run(cfg, quiet=True)
     monkeypatch.undo()
-    runner.train(cfg, resume=True, quiet=True)
+    runner.train_run(cfg, resume=True, quiet=True)
     resumed = _assert_scalars_equal_csv(directory)
     straight = _scalars(results.run_dir(straight_cfg.results_dir, straight_cfg.run_path))
     del resumed["epoch/train_time_s"], straight["epoch/train_time_s"]
@@ -74,6 +76,6 @@ def test_without_tensorboard_runs_train_and_say_so_once(tmp_path, monkeypatch, c
     monkeypatch.setattr(recorder, "_said_no_tensorboard", [])
     for experiment in ("first", "second"):
         cfg = tiny_config(tmp_path, epochs=1, experiment=experiment)
-        assert runner.train(cfg, quiet=True)["status"] == results.STATUS_DONE
+        assert runner.train_run(cfg, quiet=True)["status"] == results.STATUS_DONE
         assert not (results.run_dir(cfg.results_dir, cfg.run_path) / "tensorboard").exists()
     assert capsys.readouterr().err.count("tensorboard is not installed") == 1

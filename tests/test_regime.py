@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from paper_repro import cli, results
-from paper_repro.config import load_experiment, resolve_row
+from paper_repro.config import load_experiment
+from paper_repro.training.methods import resolve_row
 from paper_repro.errors import ConfigError
-from paper_repro.methods import get_method
 from paper_repro.report import regime
 from paper_repro.report.regime import Criterion
 
@@ -121,7 +121,7 @@ def test_cpu_rows_are_pgd_at_over_capacity_by_size_with_per_epoch_curves():
     exp = load_experiment("regime")
     grid = set()
     for row in exp.row_ids:
-        cfg = resolve_row(exp, row, "cpu", method_recipe=get_method("pgd_at").recipe)
+        cfg = resolve_row(exp, row, "cpu")
         assert (cfg.method, cfg.eps, cfg.monitor_n, cfg.monitor_steps) == ("pgd_at", 0.1, 1000, 10)
         assert cfg.aa_n == 0 and not cfg.eval_checks
         assert cfg.schedule_args["milestones"] == [0.5, 0.75]

@@ -9,7 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from paper_repro import cli, pipeline, results, runner
+from paper_repro import cli, results
+from paper_repro.training import pipeline
+from paper_repro.training import runner
 from paper_repro.config import load_experiment
 from paper_repro.report.tables import table_frame
 from conftest import tiny_config
@@ -131,11 +133,10 @@ def test_table_and_status_list_the_unreadable_run(tmp_path, capsys):
 
 
 def test_status_names_an_unreadable_pretraining_and_the_run_that_needs_it(tmp_path, capsys):
-    from paper_repro.config import load_experiment, resolve_row
-    from paper_repro.methods import get_method
+    from paper_repro.config import load_experiment
+    from paper_repro.training.methods import resolve_row
 
-    cfg = resolve_row(load_experiment("table1"), "aft", "smoke",
-                      method_recipe=get_method("aft").recipe)
+    cfg = resolve_row(load_experiment("table1"), "aft", "smoke")
     pre = pipeline.pretrain_config(cfg)
     pre_dir = results.run_dir(tmp_path, results.pretrain_path("smoke", pre.config_hash()))
     results.write_record(pre_dir, {"status": "done"})
@@ -166,7 +167,7 @@ def test_the_runner_never_trains_over_a_record_it_cannot_read(tmp_path):
     _future(directory / "record.json")
     before = (directory / "record.json").read_bytes()
     with pytest.raises(results.UnreadableRunError, match="schema 99"):
-        runner.train(cfg, quiet=True)
+        runner.train_run(cfg, quiet=True)
     assert (directory / "record.json").read_bytes() == before
     assert sorted(p.name for p in directory.iterdir()) == ["record.json"]
 

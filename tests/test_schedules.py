@@ -6,7 +6,7 @@ import math
 import pytest
 
 from paper_repro.errors import ConfigError
-from paper_repro.schedules import make_schedule
+from paper_repro.training.schedules import make_schedule
 
 
 def _trace(schedule, epochs, steps_per_epoch=10):

@@ -21,8 +21,8 @@ import pandas as pd
 import pytest
 
 from paper_repro import cli, results
-from paper_repro.config import load_experiment, resolve_row
-from paper_repro.methods import get_method
+from paper_repro.config import load_experiment
+from paper_repro.training.methods import resolve_row
 from slurm import launcher
 
 from conftest import tiny_config
@@ -110,8 +110,7 @@ def _ledger(directory: Path) -> dict:
 
 def _table1_configs(store: Path):
     exp = load_experiment("table1")
-    return [resolve_row(exp, r, "smoke", overrides={"results_dir": str(store)},
-                        method_recipe=get_method(exp.row(r)["method"]).recipe)
+    return [resolve_row(exp, r, "smoke", overrides={"results_dir": str(store)})
             for r in exp.row_ids]
 
 
@@ -219,7 +218,7 @@ def test_without_slurm_the_sweep_runs_through_submitits_local_executor(tmp_path)
 
 
 def test_the_training_path_does_not_import_submitit():
-    code = ("import sys, paper_repro.cli as c; c.build_parser(); import paper_repro.runner; "
+    code = ("import sys, paper_repro.cli as c; c.build_parser(); import paper_repro.training.runner; "
             "sys.exit('submitit' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 

@@ -12,7 +12,7 @@ from paper_repro.config import build_config
 from paper_repro.data import load_arrays
 from paper_repro.data.splits import load_data, train_split
 from paper_repro.errors import ConfigError
-from paper_repro.pipeline import pretrain_config, teacher_config
+from paper_repro.training.pipeline import pretrain_config, teacher_config
 from conftest import tiny_config
 
 VAL_N = 200

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from paper_repro import results
-from paper_repro.config import load_experiment, resolve_row
-from paper_repro.methods import get_method
+from paper_repro.config import load_experiment
+from paper_repro.training.methods import resolve_row
 from paper_repro.report import regime
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,8 +25,7 @@ ON_THE_STANDIN = ("table1", "fig1", "fig4", "aft_sweep", "modern")
 
 def _resolved(name: str, row_id: str, scale: str = "cpu"):
     exp = load_experiment(name)  # a view resolves to its source's run (another table's too)
-    return resolve_row(exp, row_id, scale,
-                       method_recipe=get_method(exp.row(row_id)["method"]).recipe)
+    return resolve_row(exp, row_id, scale)
 
 
 def test_the_committed_regime_runs_choose_the_stand_in_by_the_stated_criterion():
@@ -84,7 +83,7 @@ def test_no_committed_cpu_table_cell_mixes_stand_ins():
 def test_table1_aft_fig4_and_the_aft_sweep_fine_tune_one_pre_training():
     """The sweep's choice, Fig 4's plateaus and Table 1's AFT start from the same natural
     pre-training run (one config hash), so their differences are the fine-tune's alone."""
-    from paper_repro.pipeline import pretrain_config
+    from paper_repro.training.pipeline import pretrain_config
     hashes = {pretrain_config(_resolved(name, row)).config_hash()
               for name, row in (("table1", "aft"), ("fig4", "i1"), ("aft_sweep", "lr1e-2"))}
     assert len(hashes) == 1

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from baselines.yopo import YOPO, YOPOSettings, hamiltonian, layer_one_steps
-from paper_repro.attacks import LinfThreat
+from paper_repro.robustness.attacks import LinfThreat
 from paper_repro.config import build_config
 from paper_repro.data import ArrayLoader
 from paper_repro.errors import ConfigError
-from paper_repro.methods import Context, get_method
+from paper_repro.training.methods import Context, get_method
 from paper_repro.models import create_model
-from paper_repro.schedules import make_schedule
+from paper_repro.training.schedules import make_schedule
 
 EPS = 0.1
 
@@ -188,7 +188,7 @@ def test_one_step_per_minibatch_for_both_optimisers() -> None:
 
 
 def test_runs_end_to_end_through_the_runner(tmp_path) -> None:
-    from paper_repro.runner import train
+    from paper_repro.training.runner import train_run
     cfg = build_config(("recipe", YOPO.recipe),
                        ("smoke", dict(dataset="fashion-mnist", train_subset=128, epochs=1,
                                       batch_size=64, arch="cnn-small", model_args={"width": 4},
@@ -196,5 +196,5 @@ def test_runs_end_to_end_through_the_runner(tmp_path) -> None:
                                       eval_steps=2, device="cpu", results_dir=str(tmp_path),
                                       method_args={"passes": 2, "inner_steps": 2})),
                        method="yopo")
-    record = train(cfg, quiet=True)
+    record = train_run(cfg, quiet=True)
     assert record["status"] == "done" and record["steps_done"] == 2

@@ -47,7 +47,7 @@ class RankSlices(torch.utils.data.Sampler):
         return self._global_batches()
 
     def __iter__(self) -> Iterator[list[int]]:
-        from paper_repro.distributed import split_sizes
+        from paper_repro.runtime.distributed import split_sizes
 
         order = torch.randperm(self.n, generator=self.generator).tolist()  # as RandomSampler
         for i in range(self._global_batches()):

@@ -2,7 +2,7 @@
 
 `create_model("torchvision:resnet50", num_classes=10)` builds the library's network, randomly
 initialised, behind the suite's [0,1]-input interface (`HubClassifier`). Weights come separately,
-from `--init` (paper_repro/pretrained.py), so that every init form (a library's pretrained
+from `--init` (paper_repro/models/pretrained.py), so that every init form (a library's pretrained
 weights, a file, a run) loads through one path. The network keeps the library's own module names,
 so its state dict is the library's state dict under `net.`.
 

@@ -138,7 +138,7 @@ def rewrite(text: str, results_dir: str | Path = "results") -> str:
 def update_docs(root: str | Path, results_dir: str | Path | None = None) -> list[Path]:
     """Rewrite the marked blocks of README.md and docs/*.md under root (the store: root/results);
     only files whose content changes are written. Returns those."""
-    from ..results import atomic_write_text
+    from ..store.files import atomic_write_text
 
     results_dir = Path(results_dir) if results_dir is not None else Path(root) / "results"
     changed = []

@@ -34,35 +34,22 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from .. import results  # noqa: E402
+from ..store import files, layout, query  # noqa: E402
 from ..config import load_experiment  # noqa: E402
-
-
-# Metadata that would change the bytes of an unchanged figure: the PDF's creation date and
-# the PNG's "Software" (matplotlib's version) are left out.
-_STABLE_METADATA = {".png": {"Software": None}, ".pdf": {"CreationDate": None}}
-
-
-def _save(fig: plt.Figure, out_dir: Path, name: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
-    for p in paths:
-        fig.savefig(p, bbox_inches="tight", dpi=150, metadata=_STABLE_METADATA[p.suffix])
-    plt.close(fig)
-    return paths
+from .plots import save_figure  # noqa: E402
 
 
 def _first_run(runs: pd.DataFrame, experiment: str, row: str) -> pd.Series | None:
     if runs.empty:
         return None
     pick = runs[(runs["experiment"] == experiment) & (runs["row"] == row)
-                & (runs["status"] == results.STATUS_DONE)].sort_values("seed")
+                & (runs["status"] == layout.STATUS_DONE)].sort_values("seed")
     return None if pick.empty else pick.iloc[0]
 
 
 def fig1_overfitting(run: pd.Series) -> plt.Figure:
     """Accuracy per epoch on clean test, PGD test and PGD train data; LR drops as lines."""
-    m = results.load_metrics(run["run_dir"])
+    m = query.load_metrics(run["run_dir"])
     names = {"test_clean_acc": "clean test", "test_pgd_acc": "PGD test",
              "train_pgd_acc": "PGD train", "val_pgd_acc": "PGD validation"}
     curves = [c for c in names if c in m]  # no PGD curves when monitor_n = 0, no validation
@@ -91,10 +78,10 @@ def fig4_plateaus(runs: pd.DataFrame) -> plt.Figure:
     labelled with the step-LR(i, γ) the run actually used (its stored config)."""
     frames, order = [], []
     for _, run in runs.iterrows():
-        args = results.read_json(Path(run["run_dir"]) / "config.json")["schedule_args"]
+        args = layout.read_json(Path(run["run_dir"]) / "config.json")["schedule_args"]
         label = f"step-LR({args['plateau']:g}, {args.get('gamma', 0.5):g})"
         order.append(label)
-        frames.append(results.load_metrics(run["run_dir"]).assign(schedule=label))
+        frames.append(query.load_metrics(run["run_dir"]).assign(schedule=label))
     data = pd.concat(frames, ignore_index=True)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, (column, title) in zip(axes, FIG4_PANELS):
@@ -163,10 +150,10 @@ def lda_pca_projection(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def fig3_points(runs: pd.DataFrame, n: int = FIG3_N) -> pd.DataFrame | None:
     """The 2-D points of every Fig 3 panel from the runs' checkpoints; None if one is missing."""
-    from ..checkpoints import load_weights
+    from ..models.weights import load_weights
     from ..config import build_config
     from ..data import dataset_info, load_arrays
-    from ..evaluation import fixed_subset
+    from ..robustness.evaluation import fixed_subset
     from ..models import build_model
 
     picked = {row: _first_run(runs, "table1", row) for row in FIG3_ROWS}
@@ -175,7 +162,7 @@ def fig3_points(runs: pd.DataFrame, n: int = FIG3_N) -> pd.DataFrame | None:
         return None
     frames, test_sets = [], {}
     for row, run in picked.items():
-        stored = results.read_json(Path(run["run_dir"]) / "config.json")
+        stored = layout.read_json(Path(run["run_dir"]) / "config.json")
         cfg = build_config(("stored", {k: v for k, v in stored.items() if k != "config_hash"}))
         info = dataset_info(cfg.dataset)
         key = (cfg.dataset, cfg.data_root)
@@ -230,7 +217,7 @@ def write_fig3(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
         points = None
     if points is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        results.atomic_write_text(csv, points.to_csv(index=False))
+        files.atomic_write_text(csv, points.to_csv(index=False))
         points = pd.read_csv(csv)  # drawn from the CSV either way: the same bytes without them
     elif csv.is_file():
         points = pd.read_csv(csv)
@@ -242,7 +229,7 @@ def write_fig3(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     info = dataset_info(run["dataset"])
     net = run.get("arch_label") or run["arch"]
     subtitle = f"; {net} on {info.name}, {points['row'].value_counts().iloc[0]} test images"
-    return _save(fig3_features(points, info.class_names, subtitle=subtitle), out_dir, "fig3")
+    return save_figure(fig3_features(points, info.class_names, subtitle=subtitle), out_dir, "fig3")
 
 
 # --- cost against robustness --------------------------------------------------------------
@@ -347,27 +334,27 @@ def write_pareto(scale: str, results_dir: str | Path, out_dir: Path) -> list[Pat
             continue
         fig = pareto_figure(name, table_frame(name, scale, results_dir), scale)
         if fig is not None:
-            written += _save(fig, out_dir, f"pareto_{name}")
+            written += save_figure(fig, out_dir, f"pareto_{name}")
     return written
 
 
 def write_figures(scale: str, results_dir: str | Path = "results") -> list[Path]:
     """Every figure whose runs exist at this scale."""
-    runs = results.load(results_dir, scale=scale)
+    runs = query.load(results_dir, scale=scale)
     out_dir = Path(results_dir) / "figures" / scale
     written: list[Path] = []
     run = _first_run(runs, "fig1", "pgd_at")
     if run is None:  # before fig1's own run exists, Table 1's PGD AT row shows the same curves
         run = _first_run(runs, "table1", "pgd_at")
     if run is not None:
-        written += _save(fig1_overfitting(run), out_dir, "fig1")
+        written += save_figure(fig1_overfitting(run), out_dir, "fig1")
     fig4 = load_experiment("fig4")
     picks = [r for r in (_first_run(runs, "fig4", rid) for rid in fig4.row_ids) if r is not None]
     if picks:
-        written += _save(fig4_plateaus(pd.DataFrame(picks)), out_dir, "fig4")
+        written += save_figure(fig4_plateaus(pd.DataFrame(picks)), out_dir, "fig4")
     run = _first_run(runs, "table1", "aft")
     if run is not None:
-        written += _save(fig5_schedule(run), out_dir, "fig5")
+        written += save_figure(fig5_schedule(run), out_dir, "fig5")
     written += write_fig3(runs, out_dir)
     written += write_pareto(scale, results_dir, out_dir)
     from .regime import write_regime  # its table too: the search is rendered in one place

@@ -29,10 +29,10 @@ from typing import Any
 
 import pandas as pd
 
-from .. import results
-from ..config import EXPERIMENTS_DIR, Experiment, load_experiment, resolve_row
+from ..store import files, layout, query
+from ..config import EXPERIMENTS_DIR, Experiment, load_experiment
+from ..training.methods import resolve_row
 from ..errors import ConfigError
-from ..methods import get_method
 
 EXPERIMENT = "regime"
 CURVES = ("test_pgd_acc", "train_pgd_acc")  # metrics.csv columns the criterion reads
@@ -141,10 +141,10 @@ def check_run(run_dir: str | Path, criterion: Criterion | None = None) -> RunChe
     e.g. a committed regime run or the chosen stand-in's Table 1 run."""
     run_dir = Path(run_dir)
     criterion = criterion or load_criterion()
-    record = results.read_record(run_dir)
-    if not record or record.get("status") != results.STATUS_DONE:
+    record = layout.read_record(run_dir)
+    if not record or record.get("status") != layout.STATUS_DONE:
         raise ConfigError(f"{run_dir}: not a finished run (no record saying done)")
-    m = regime_metrics(results.load_metrics(run_dir), criterion.window)
+    m = regime_metrics(query.load_metrics(run_dir), criterion.window)
     minutes = float(record.get("train_minutes", math.nan))
     return RunCheck(m, minutes, tuple(failed_parts(m, minutes, criterion)))
 
@@ -157,7 +157,7 @@ COLUMNS = ["row", "setting", "arch", "n", "epochs", "gap_pp", "fall_pp", "peak_e
 
 
 def _runs(scale: str, results_dir: str | Path) -> pd.DataFrame:
-    runs = results.load(results_dir, scale=scale)
+    runs = query.load(results_dir, scale=scale)
     if runs.empty:
         return runs
     return runs[runs["experiment"] == EXPERIMENT]
@@ -167,7 +167,7 @@ def _first_done(runs: pd.DataFrame, row_id: str) -> pd.Series | None:
     """The row's finished run of the lowest seed (the table and the figure show the same)."""
     if runs.empty:
         return None
-    done = runs[(runs["row"] == row_id) & (runs["status"] == results.STATUS_DONE)]
+    done = runs[(runs["row"] == row_id) & (runs["status"] == layout.STATUS_DONE)]
     return None if done.empty else done.sort_values("seed").iloc[0]
 
 
@@ -179,8 +179,7 @@ def regime_frame(scale: str, results_dir: str | Path = "results",
     runs = _runs(scale, results_dir)
     lines: list[dict[str, Any]] = []
     for row in exp.rows:
-        planned = resolve_row(exp, row["id"], scale,
-                              method_recipe=get_method(row["method"]).recipe)
+        planned = resolve_row(exp, row["id"], scale)
         line: dict[str, Any] = {"row": row["id"], "setting": row.get("label", row["id"]),
                                 "arch": planned.arch, "n": planned.train_subset,
                                 "epochs": planned.epochs, "status": "not run"}
@@ -315,16 +314,16 @@ def write_regime(scale: str, results_dir: str | Path = "results") -> list[Path]:
     runs = _runs(scale, results_dir)
     if runs.empty:
         return []
-    from .figures import _save  # matplotlib only when there is something to draw
+    from .plots import save_figure  # matplotlib only when there is something to draw
 
     exp, criterion = load_experiment(EXPERIMENT), load_criterion()
     frame = regime_frame(scale, results_dir, criterion)
     out = Path(results_dir) / "tables" / scale
     md, csv = out / f"{EXPERIMENT}.md", out / f"{EXPERIMENT}.csv"
-    results.atomic_write_text(md, markdown(exp, frame, criterion, scale))
-    results.atomic_write_text(csv, frame.to_csv(index=False))
+    files.atomic_write_text(md, markdown(exp, frame, criterion, scale))
+    files.atomic_write_text(csv, frame.to_csv(index=False))
     fig = regime_figure(frame, runs, criterion, f"{exp.title} ({scale} scale)")
-    return [md, csv, *_save(fig, Path(results_dir) / "figures" / scale, EXPERIMENT)]
+    return [md, csv, *save_figure(fig, Path(results_dir) / "figures" / scale, EXPERIMENT)]
 
 
 # --- the figure ---------------------------------------------------------------------------
@@ -348,7 +347,7 @@ def regime_figure(frame: pd.DataFrame, runs: pd.DataFrame, criterion: Criterion,
     for ax in axes.flat[len(shown):]:
         ax.axis("off")
     for ax, (_, line) in zip(axes.flat, shown.iterrows()):
-        m = results.load_metrics(_first_done(runs, line["row"])["run_dir"])
+        m = query.load_metrics(_first_done(runs, line["row"])["run_dir"])
         ax.plot(m["epoch"], m["test_clean_acc"], color="grey", lw=0.8, alpha=0.7,
                 label="clean test")
         ax.plot(m["epoch"], m["train_pgd_acc"], color="C1", lw=1, ls="--", label="PGD train")

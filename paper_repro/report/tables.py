@@ -1,7 +1,7 @@
 """Experiment tables: our numbers (mean ± std over seeds) beside the paper's, from the store.
 
 Each table is written as Markdown, CSV and LaTeX to results/tables/<scale>/<name>.*.
-Cells are computed from `results.load()` and the paper's numbers from results/paper/*.csv;
+Cells are computed from `query.load()` and the paper's numbers from results/paper/*.csv;
 a row that has no finished run shows empty measured cells and "not run"; a row with a run
 whose record or config cannot be read shows empty measured cells and "unreadable" (never a
 mean over the seeds that could be read), and every other row renders as it would without it.
@@ -17,10 +17,10 @@ from typing import Any
 
 import pandas as pd
 
-from .. import results
+from ..store import files, layout, query
 from ..config import SELECTS, controlled_name, load_experiment, unsupported_reason
 from ..errors import ReproError
-from ..evaluation import (AA_ATTACKS, AA_PACKAGE, LARGE_EPS_FACTOR, LARGE_EPS_MAX_ACC,
+from ..robustness.evaluation import (AA_ATTACKS, AA_PACKAGE, LARGE_EPS_FACTOR, LARGE_EPS_MAX_ACC,
                           ORDER_TOLERANCE_PP, PGD100_MARGIN_PP)
 
 REPO_PAPER_DIR = Path(__file__).resolve().parents[2] / "results" / "paper"
@@ -79,7 +79,7 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
     if select not in SELECTS:
         raise ReproError(f"select: '{select}' is not one of {', '.join(SELECTS)}")
     exp = load_experiment(name)
-    runs = results.load(results_dir, scale=scale)
+    runs = query.load(results_dir, scale=scale)
     paper = _paper_numbers(exp.paper_csv, results_dir).set_index("row", drop=False)
     lines: list[dict[str, Any]] = []
     for row in exp.rows:
@@ -89,21 +89,21 @@ def table_frame(name: str, scale: str, results_dir: str | Path = "results",
             store_name = controlled_name(store_name, controlled_arch)
         mine = runs[(runs["experiment"] == store_name) & (runs["row"] == source)] \
             if not runs.empty else runs
-        done = mine[mine["status"] == results.STATUS_DONE] if not mine.empty else mine
+        done = mine[mine["status"] == layout.STATUS_DONE] if not mine.empty else mine
         line: dict[str, Any] = {"row": rid, "method": row.get("label", rid),
                                 "arch": None, "dataset": None, "scale": scale, "n_seeds": 0}
-        unreadable = not mine.empty and (mine["status"] == results.STATUS_UNREADABLE).any()
+        unreadable = not mine.empty and (mine["status"] == layout.STATUS_UNREADABLE).any()
         if unreadable:
-            line["status"] = results.STATUS_UNREADABLE  # `results.problems` says which file
+            line["status"] = layout.STATUS_UNREADABLE  # `query.problems` says which file
         elif not done.empty:
             if done["cell_hash"].nunique() > 1:
                 raise ReproError(f"{name}/{source} at scale {scale}: runs with different "
                                  f"configs ({', '.join(sorted(done['cell_hash'].unique()))}) "
                                  "would be mixed in one cell; remove the stale runs")
-            n_failed = int((mine["status"] == results.STATUS_FAILED).sum())
+            n_failed = int((mine["status"] == layout.STATUS_FAILED).sum())
             line.update(_measured(done, exp.row_select(rid) or select, n_failed))
         else:
-            failed = mine[mine["status"] == results.STATUS_FAILED] if not mine.empty else mine
+            failed = mine[mine["status"] == layout.STATUS_FAILED] if not mine.empty else mine
             line["status"] = (f"failed (epoch {failed['failed_epoch'].iloc[0]})"
                               if not failed.empty else
                               "not supported" if unsupported_reason(exp, rid, scale) else
@@ -305,9 +305,9 @@ def write_table(name: str, scale: str, results_dir: str | Path = "results",
     tex = (shown.to_latex(index=False, escape=True) + "\n% " + note + "\n")
     paths = {"md": out_dir / f"{name}.md", "csv": out_dir / f"{name}.csv",
              "tex": out_dir / f"{name}.tex"}
-    results.atomic_write_text(paths["md"], md)
-    results.atomic_write_text(paths["csv"], df.to_csv(index=False))
-    results.atomic_write_text(paths["tex"], tex)
+    files.atomic_write_text(paths["md"], md)
+    files.atomic_write_text(paths["csv"], df.to_csv(index=False))
+    files.atomic_write_text(paths["tex"], tex)
     if select == "final" and not controlled_arch:  # AFT − PGD AT over seeds, where it has seeds
         from .paired import write_paired
         from .tuning import write_tuning
@@ -320,7 +320,7 @@ def write_table(name: str, scale: str, results_dir: str | Path = "results",
 
 def tables_with_results(scale: str, results_dir: str | Path = "results") -> list[str]:
     """Experiments that have at least one run at this scale (aggregate renders only these)."""
-    runs = results.load(results_dir, scale=scale)
+    runs = query.load(results_dir, scale=scale)
     if runs.empty:
         return []
     from ..config import list_experiments

@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from . import pipeline, results
-from .config import RunConfig
-from .errors import ReproError
+from ..store import files, layout
+from ..training import pipeline
+from ..config import RunConfig
+from ..errors import ReproError
 
 WEEK_MIN = 7 * 24 * 60
 JOBS_ENV = "REPRO_JOBS"  # the default K where --jobs is not given (the tests set 1)
@@ -137,12 +138,12 @@ def train_one(cfg: RunConfig, run_path: str, threads: int) -> dict[str, Any]:
     """One run in a pool child: its threads pinned, trained by the one-run verb."""
     import torch
 
-    from .distributed import shutdown
-    from .runner import train
+    from ..runtime.distributed import shutdown
+    from ..training.runner import train_run
 
     torch.set_num_threads(threads)
     try:
-        return train(cfg, run_path=run_path, quiet=True)
+        return train_run(cfg, run_path=run_path, quiet=True)
     finally:
         shutdown()
 
@@ -168,17 +169,17 @@ def train_all(configs: Sequence[RunConfig], slots: Slots, *,
     after all it needs. Done runs are reused. With one slot (or one run to train), and no GPUs
     listed, the runs train in this process, one after another, with the pool's threads per
     run."""
-    from .evaluation import missing_evaluation
-    from .runner import check_existing
+    from ..robustness.evaluation import missing_evaluation
+    from ..training.runner import check_existing
 
     graph = pipeline.plan(list(configs))
     for directory, run in graph.items():  # another config's run in a folder: one line, now
         check_existing(directory, run.cfg)
-    records = {d: results.read_record(d) for d in graph}
+    records = {d: layout.read_record(d) for d in graph}
     # a done run is reused, unless the config asks it for an evaluation its record lacks
     # (AutoAttack on more images, the checks): then the runner re-evaluates its checkpoint
     todo = {d: r for d, r in graph.items() if not (
-        records[d] and records[d].get("status") == results.STATUS_DONE
+        records[d] and records[d].get("status") == layout.STATUS_DONE
         and not missing_evaluation(r.cfg, records[d]))}
     outcome = Outcome(records={d: records[d] for d in graph if d not in todo})
     if not todo:
@@ -191,7 +192,7 @@ def train_all(configs: Sequence[RunConfig], slots: Slots, *,
 
 def _in_process(configs: Sequence[RunConfig], outcome: Outcome,
                 say: Callable[[str], None]) -> Outcome:
-    """One slot: each config through `local.train` (the public in-process walker), here; a
+    """One slot: each config through `local.train_with_prerequisites` (the public in-process walker), here; a
     run whose prerequisite failed is reported blocked, the others go on."""
     from . import local
 
@@ -203,20 +204,20 @@ def _in_process(configs: Sequence[RunConfig], outcome: Outcome,
             continue
         culprit = next((d for d in graph if d in failed), None)
         if culprit is not None:
-            outcome.blocked[cfg.run_path] = results.run_path_of(culprit)
-            say(f"blocked {cfg.run_path}: needs {results.run_path_of(culprit)}, which failed")
+            outcome.blocked[cfg.run_path] = layout.run_path_of(culprit)
+            say(f"blocked {cfg.run_path}: needs {layout.run_path_of(culprit)}, which failed")
             continue
         try:
-            outcome.records[target] = local.train(cfg)
+            outcome.records[target] = local.train_with_prerequisites(cfg)
         except ReproError as e:
             if len(configs) == 1:
                 raise
-            culprit = next((d for d in graph if not results.is_done(d)), target)
+            culprit = next((d for d in graph if not layout.is_done(d)), target)
             failed.add(culprit)
-            outcome.failed[results.run_path_of(culprit)] = " ".join(str(e).split())
-            say(f"failed {results.run_path_of(culprit)}: {' '.join(str(e).split())}")
+            outcome.failed[layout.run_path_of(culprit)] = " ".join(str(e).split())
+            say(f"failed {layout.run_path_of(culprit)}: {' '.join(str(e).split())}")
             if culprit != target:
-                outcome.blocked[cfg.run_path] = results.run_path_of(culprit)
+                outcome.blocked[cfg.run_path] = layout.run_path_of(culprit)
     return outcome
 
 
@@ -257,7 +258,7 @@ class _Pool:
     def _ready(self, run: pipeline.PlannedRun) -> bool | None:
         """True when every run it needs is done; None when one of them failed or is blocked."""
         for need in run.needs:
-            path = results.run_path_of(need)
+            path = layout.run_path_of(need)
             if path in self.outcome.failed or path in self.outcome.blocked:
                 return None
             if need in self.todo and need not in self.outcome.records:
@@ -268,9 +269,9 @@ class _Pool:
         for run in list(self.waiting):
             ready = self._ready(run)
             if ready is None:
-                need = next(results.run_path_of(n) for n in run.needs
-                            if results.run_path_of(n) in self.outcome.failed
-                            or results.run_path_of(n) in self.outcome.blocked)
+                need = next(layout.run_path_of(n) for n in run.needs
+                            if layout.run_path_of(n) in self.outcome.failed
+                            or layout.run_path_of(n) in self.outcome.blocked)
                 self.outcome.blocked[run.run_path] = need
                 self.waiting.remove(run)
                 _write_ledger(run.directory, {"cluster": "local", "job_id": "",
@@ -333,7 +334,7 @@ class _Pool:
                 process.kill()
                 process.wait()
         for directory in self.running:  # stopped, not failed: `status` says interrupted
-            (directory / results.LEDGER).unlink(missing_ok=True)
+            (directory / layout.LEDGER).unlink(missing_ok=True)
 
 
 def critical_first(todo: dict[Path, pipeline.PlannedRun]) -> list[pipeline.PlannedRun]:
@@ -355,16 +356,16 @@ def _interrupt(signum: int, frame: Any) -> None:
 def _write_ledger(directory: Path, ledger: dict[str, Any] | None) -> None:
     """The run's ledger (the SLURM path's file), which `status` reads; None removes a pool's
     queued/blocked entry once no pool holds the run, and leaves a started job's alone."""
-    path = directory / results.LEDGER
+    path = directory / layout.LEDGER
     if ledger is None:
-        old = results.read_json(path)
+        old = layout.read_json(path)
         if old and old.get("cluster") == "local" and not old.get("job_id"):
             path.unlink(missing_ok=True)
             with contextlib.suppress(OSError):  # a folder the pool made only for the entry
                 directory.rmdir()
         return
     directory.mkdir(parents=True, exist_ok=True)
-    results.atomic_write_json(path, ledger)
+    files.atomic_write_json(path, ledger)
 
 
 def _last_line(error: BaseException) -> str:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-from .config import RunConfig
+from ..config import RunConfig
 
 PRECISIONS = ("auto", "fp32", "bf16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

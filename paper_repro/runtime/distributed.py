@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .errors import ConfigError, ReproError
+from ..errors import ConfigError, ReproError
 
 # minutes a rank may wait in a collective (the others wait while rank 0 evaluates alone)
 TIMEOUT_ENV = "REPRO_DIST_TIMEOUT_MIN"

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 _EPS = 1e-9  # tolerance so that a milestone at 30/37 of 37 epochs lands exactly on epoch 30
 

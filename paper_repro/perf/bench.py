@@ -44,18 +44,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baselines.pgd_at import adversarial_epoch
+from ..training.adversarial import adversarial_epoch
 
-from . import fastpath, results
-from .attacks import LinfThreat
-from .config import RunConfig, build_config
-from .data import Augment, ArrayLoader, dataset_info
-from .errors import ConfigError
-from .flops import TotalFlopCounter
+from ..store import files, layout
+from ..runtime import fastpath
+from ..robustness.attacks import LinfThreat
+from ..config import RunConfig, build_config
+from ..data import Augment, ArrayLoader, dataset_info
+from ..errors import ConfigError
+from ..training.flops import TotalFlopCounter
 from .gpus import gpu_of
-from .methods import Context, Method, get_method
+from ..training.methods import Context, Method, get_method
 from .probes import CompiledGraphProbe, ProbeReport, probing_attacks
-from .schedules import make_schedule
+from ..training.schedules import make_schedule
 
 GRID_ARCHS = ("preact-resnet18", "wrn-28-10", "wrn-34-10")
 GRID_METHODS = ("natural", "pgd_at", "fast_at", "free_at", "yopo", "atta", "trades", "mart",
@@ -121,8 +122,8 @@ def make_bench(cfg: RunConfig, steps: int, seed: int = 0,
                data: tuple[torch.Tensor, torch.Tensor] | None = None) -> Bench:
     """Model, method and `steps` minibatches of synthetic data of the dataset's shape (or the
     given uint8 images and labels: `gpucheck` trains on learnable ones)."""
-    from .environment import resolve_device, set_determinism
-    from .models import build_model
+    from ..runtime.environment import resolve_device, set_determinism
+    from ..models import build_model
 
     device = resolve_device(cfg.device)
     set_determinism(cfg)  # cuDNN autotuning on (the default for non-deterministic runs)
@@ -217,7 +218,7 @@ class GemmPeak:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from .provenance import hardware
+    from ..runtime.provenance import hardware
     threads = torch.get_num_threads()
     return f"cpu: {hardware()['cpu']} ({threads} thread{'s' if threads > 1 else ''})"
 
@@ -391,12 +392,12 @@ _KEY = ("method", "arch", "batch", "compile", "precision", "dataset")
 
 def write_entry(entry: dict[str, Any], path: Path) -> None:
     """Merge `entry` into the device's JSON (one entry per key, the newest measurement wins)."""
-    data = results.read_json(path) or {"device": entry["device"], "entries": []}
+    data = layout.read_json(path) or {"device": entry["device"], "entries": []}
     key = tuple(entry[k] for k in _KEY)
     kept = [e for e in data.get("entries", []) if tuple(e.get(k) for k in _KEY) != key]
     data["device"] = entry["device"]
     data["entries"] = sorted([*kept, entry], key=lambda e: tuple(str(e.get(k)) for k in _KEY))
-    results.atomic_write_json(path, data)
+    files.atomic_write_json(path, data)
 
 
 def summary_line(e: dict[str, Any]) -> str:
@@ -438,8 +439,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .config import parse_override
-    from .environment import resolve_device
+    from ..config import parse_override
+    from ..runtime.environment import resolve_device
 
     model_args: dict[str, Any] = {}
     for text in args.set:

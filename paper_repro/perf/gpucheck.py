@@ -46,9 +46,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import bench, fastpath, results
-from .data import dataset_info
-from .errors import ConfigError
+from ..store import files, layout
+from . import bench
+from ..runtime import fastpath
+from ..data import dataset_info
+from ..errors import ConfigError
 from .gpus import gpu_of
 
 # Table 1's (method, paper-scale architecture) pairs, in the order compiled benches run
@@ -232,7 +234,7 @@ class _UntilDeadline:
 
 def _epoch_and_bf16_check(report: Report, scale: Scale, device: str, budget: Budget) -> None:
     """One PGD-10 AT epoch of WRN-28-10 (timed), then PGD-20 in fp32 vs bf16 on its model."""
-    from .evaluation import pgd_accuracy
+    from ..robustness.evaluation import pgd_accuracy
 
     cfg = bench.bench_config("pgd_at", scale.arch or "wrn-28-10", scale.batch, device=device,
                              precision="bf16", model_args=scale.model_args)
@@ -291,16 +293,16 @@ def _epoch_and_bf16_check(report: Report, scale: Scale, device: str, budget: Bud
 def table1_hours(report: Report) -> list[dict[str, Any]]:
     """Each Table 1 row: its epochs × its per-epoch time (the faster of eager and compiled),
     plus an AFT row's natural pre-training; None where a needed pair was not measured."""
-    from .config import load_experiment, resolve_row
-    from .data.registry import EXTRA_DATA
-    from .methods import get_method
-    from .pipeline import pretrain_config
+    from ..config import load_experiment
+    from ..training.methods import resolve_row
+    from ..data.registry import EXTRA_DATA
+    from ..training.pipeline import pretrain_config
 
     exp = load_experiment("table1")
     rows = []
     for row_id in dict.fromkeys(exp.source_row(r) for r in exp.row_ids):  # a view trains nothing
         method = exp.row(row_id)["method"]
-        cfg = resolve_row(exp, row_id, "paper", method_recipe=get_method(method).recipe)
+        cfg = resolve_row(exp, row_id, "paper")
         best = _fastest(report, method, cfg.arch)
         row: dict[str, Any] = {"row": row_id, "method": method, "arch": cfg.arch,
                                "epochs": cfg.epochs, "recipe_batch": cfg.batch_size}
@@ -394,7 +396,7 @@ def main(args: argparse.Namespace) -> int:
     if args.device == "auto" and not torch.cuda.is_available():
         print("gpucheck: no CUDA GPU found; nothing measured (it needs one GPU, <= 8 minutes)")
         return 0
-    from .environment import resolve_device
+    from ..runtime.environment import resolve_device
 
     device = resolve_device(args.device)
     if device.type != "cuda" and not args.tiny:
@@ -421,7 +423,7 @@ def main(args: argparse.Namespace) -> int:
     rows = table1_hours(report)
     for entry in report.entries.values():
         bench.write_entry(entry, path)
-    data = results.read_json(path) or {"device": info["device"], "entries": []}
+    data = layout.read_json(path) or {"device": info["device"], "entries": []}
     data["gpucheck"] = {
         **info, "tiny": bool(args.tiny), "budget_s": args.budget_s,
         "elapsed_s": round(budget.elapsed(), 1), "torch": torch.__version__,
@@ -430,7 +432,7 @@ def main(args: argparse.Namespace) -> int:
         "table1_hours": rows, "skipped": report.skipped, "failed": report.failed,
         "failed_tracebacks": report.tracebacks}
     path.parent.mkdir(parents=True, exist_ok=True)
-    results.atomic_write_json(path, data)
+    files.atomic_write_json(path, data)
     print(format_table(report, rows))
     if report.skipped:
         print(f"skipped (budget {args.budget_s:.0f} s): {'; '.join(report.skipped)}")

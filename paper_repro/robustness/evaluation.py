@@ -35,16 +35,17 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from . import results
+from ..store import files, layout
 from .attacks import frozen_parameters, pgd
-from .checkpoints import BEST_FILE, load_weights, read_best
-from .config import EVALUATION_FIELDS, RunConfig
-from .data import dataset_info
-from .data.splits import fixed_subset, load_test_set  # the same fixed images for every run
-from .environment import resolve_device
-from .errors import CheckpointError
-from .models import build_model
-from .provenance import code_version, hardware
+from ..models.weights import load_weights
+from ..store.checkpoints import BEST_FILE, read_best
+from ..config import EVALUATION_FIELDS, RunConfig
+from ..data import dataset_info
+from ..data.splits import fixed_subset, load_test_set  # the same fixed images for every run
+from ..runtime.environment import resolve_device
+from ..errors import CheckpointError
+from ..models import build_model
+from ..runtime.provenance import code_version, hardware
 
 # AutoAttack
 AA_PACKAGE = "pyautoattack"
@@ -311,7 +312,7 @@ def reevaluate(cfg: RunConfig, directory: Path, record: dict[str, Any]) -> dict[
                "reevaluated_code": code_version(), "reevaluated_hardware": hardware()}
     if previous:
         updated["previous_eval"] = previous
-    config = results.read_json(directory / "config.json") or {}
-    results.atomic_write_json(directory / "config.json",
+    config = layout.read_json(directory / "config.json") or {}
+    files.atomic_write_json(directory / "config.json",
                               {**config, **{k: getattr(cfg, k) for k in EVALUATION_FIELDS}})
-    return results.write_record(directory, updated)
+    return layout.write_record(directory, updated)

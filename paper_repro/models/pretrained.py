@@ -33,13 +33,15 @@ from typing import Any
 
 import torch
 
-from . import results
-from .errors import CheckpointError, ConfigError
-from .models import ImageClassifier, create_model
-from .models.hub import classifier_name
-from .models.registry import Normalize, PerImageStandardize
+from ..store import layout
+from ..store.files import load_error, safe_load
+from ..errors import CheckpointError, ConfigError
+from . import ImageClassifier, create_model
+from .hub import classifier_name
+from .registry import Normalize, PerImageStandardize
+from .weights import load_state, mismatch, read_state
 
-__all__ = ["Loaded", "apply_init", "implied_arch", "load_pretrained", "load_into", "safe_load"]
+__all__ = ["Loaded", "apply_init", "implied_arch", "load_pretrained", "load_into"]
 
 PREFIXES = ("torchvision", "timm", "run")
 FORMS = "torchvision:<name>[:<weights>], timm:<name>[:<file>], run:<run-path>, or a checkpoint file"
@@ -59,27 +61,6 @@ class Loaded:
 
     source: str
     note: str
-
-
-# --- reading files safely ------------------------------------------------------------------
-
-def _load_error(path: Path | str, e: Exception) -> CheckpointError:
-    """The one-line error for a file torch.load(weights_only=True) would not read."""
-    reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-    if "weights_only" in str(e) or "Unsupported global" in str(e):
-        return CheckpointError(f"{path}: refused, it is a full pickle rather than a state dict "
-                               f"(loading it could run code): {reason}")
-    return CheckpointError(f"{path}: unreadable or truncated checkpoint ({reason})")
-
-
-def safe_load(path: Path | str) -> Any:
-    """torch.load with weights_only=True: a pickled object that would run code is refused."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... alike
-        raise _load_error(path, e) from None
 
 
 # --- the init spec -------------------------------------------------------------------------
@@ -111,7 +92,7 @@ def implied_arch(spec: str | None) -> str | None:
     return None
 
 
-def load_weights(spec: str, *, results_dir: str | Path = "results") -> Weights:
+def init_weights(spec: str, *, results_dir: str | Path = "results") -> Weights:
     """The state dict an init spec names, in ImageClassifier keys."""
     prefix, rest = _split(spec)
     if prefix == "torchvision":
@@ -121,26 +102,12 @@ def load_weights(spec: str, *, results_dir: str | Path = "results") -> Weights:
         name, _, file = rest.partition(":")
         return _timm_weights(name, file or None)
     if prefix == "run":
-        path = results.run_dir(results_dir, rest) / "checkpoint.pt"
+        path = layout.run_dir(results_dir, rest) / "checkpoint.pt"
         if not path.is_file():
             raise CheckpointError(f"init run:{rest}: no checkpoint at {path} (is the run done, "
                                   "on this machine? checkpoints are not in git)")
-        return Weights(_as_classifier_state(_unwrap(safe_load(path), path)), str(path))
-    return Weights(_as_classifier_state(_unwrap(safe_load(spec), spec)), spec)
-
-
-def _unwrap(obj: Any, path: Path | str) -> dict[str, torch.Tensor]:
-    """The model's state dict inside a checkpoint: ours keeps it under 'model', timm's training
-    checkpoints under 'state_dict'; anything else is taken as the state dict itself."""
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or \
-            not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: not a state dict (expected parameter names -> tensors)")
-    return obj
+        return Weights(_as_classifier_state(read_state(path)), str(path))
+    return Weights(_as_classifier_state(read_state(spec)), spec)
 
 
 def _as_classifier_state(state: dict[str, torch.Tensor], mean: Any = None,
@@ -180,7 +147,7 @@ def _torchvision_weights(name: str, weights_name: str) -> Weights:
         weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except Exception as e:
         if cached.is_file():
-            raise _load_error(cached, e) from None
+            raise load_error(cached, e) from None
         raise CheckpointError(f"init torchvision:{name}:{weights.name}: cannot get {weights.url} "
                               f"({str(e).strip()[:120]}); offline, put the file at {cached}") from None
     net = torchvision.models.get_model(name, weights=weights)
@@ -205,7 +172,7 @@ def _timm_weights(name: str, file: str | None) -> Weights:
         net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as e:
         if file:
-            raise _load_error(file, e) from None
+            raise load_error(file, e) from None
         raise CheckpointError(f"init timm:{name}: cannot get its pretrained weights "
                               f"({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__}); "
                               "offline, give timm's weights file: timm:<name>:<file>") from None
@@ -239,19 +206,10 @@ def load_into(model: ImageClassifier, weights: Weights, *, arch: str | None = No
     for k in ("normalize.mean", "normalize.std"):  # a bare network keeps the model's own
         if k in own and k not in state:
             state[k] = own[k]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    reshaped = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or reshaped:
-        hint = ""
-        if weights.source.startswith(("torchvision:", "timm:")):
-            hint = f"; use --arch {implied_arch(weights.source)}"
-        example = (missing + unexpected + reshaped)[0]
-        raise CheckpointError(
-            f"{weights.source}: does not fit architecture {arch or type(model.net).__name__}: "
-            f"{len(missing)} missing, {len(unexpected)} unexpected and {len(reshaped)} "
-            f"differently shaped keys (e.g. '{example}'){hint}")
-    model.load_state_dict(state)
+    hint = ""
+    if mismatch(own, state) and weights.source.startswith(("torchvision:", "timm:")):
+        hint = f"; use --arch {implied_arch(weights.source)}"
+    load_state(model, state, weights.source, arch=arch, hint=hint)
     return note
 
 
@@ -273,7 +231,7 @@ def _adopt_normalisation(model: ImageClassifier, state: dict[str, torch.Tensor],
 def apply_init(model: ImageClassifier, spec: str, *, results_dir: str | Path = "results",
                arch: str | None = None) -> Loaded:
     """Load the weights `spec` names into `model` (any of the four forms)."""
-    weights = load_weights(spec, results_dir=results_dir)
+    weights = init_weights(spec, results_dir=results_dir)
     return Loaded(weights.source, load_into(model, weights, arch=arch))
 
 

@@ -36,18 +36,18 @@ from typing import Sequence
 
 import torch
 
-from . import results
+from ..store import layout
 from .bench import make_bench
-from .config import RunConfig
-from .data import dataset_info
-from .data.registry import EXTRA_DATA
-from .errors import ConfigError
-from .evaluation import VAL_STEPS, pgd_attack
-from .flops import TotalFlopCounter
+from ..config import RunConfig
+from ..data import dataset_info
+from ..data.registry import EXTRA_DATA
+from ..errors import ConfigError
+from ..robustness.evaluation import VAL_STEPS, pgd_attack
+from ..training.flops import TotalFlopCounter
 from .gpus import get_gpu, gpu_of
-from .methods import get_method
-from .models import build_model
-from .pipeline import plan as run_graph
+from ..training.methods import get_method
+from ..models import build_model
+from ..training.pipeline import plan as run_graph
 
 PROBE_BATCH = 2  # images per counted minibatch (BatchNorm needs more than one)
 # MFU where bench has not measured the GPU (performance.md §5.1 anchors: tuned small convnets
@@ -176,7 +176,7 @@ def measured_mfu(gpu: str, bench_dir: Path) -> dict[tuple[str, str], float]:
     """(method, arch) -> the best datasheet MFU `bench` measured on that kind of GPU."""
     out: dict[tuple[str, str], float] = {}
     for path in sorted(bench_dir.glob("*.json")):
-        data = results.read_json(path) or {}
+        data = layout.read_json(path) or {}
         for entry in data.get("entries", []) if isinstance(data, dict) else []:
             measured_on = gpu_of(str(entry.get("device", "")))
             if measured_on is not None and measured_on.name == gpu and \
@@ -242,7 +242,7 @@ def local_estimate(configs: Sequence[RunConfig], slots, *,
     known GPU the cost is the plan's (GPU-hours at the datasheet peak × MFU); otherwise it is
     the time the same runs took in the committed store, where it has them (one thread each)."""
     graph = run_graph(configs)
-    todo = {d: r for d, r in graph.items() if not results.is_done(d)}
+    todo = {d: r for d, r in graph.items() if not layout.is_done(d)}
     if not todo:
         return ""
     gpu = this_gpu()
@@ -254,9 +254,9 @@ def local_estimate(configs: Sequence[RunConfig], slots, *,
         source = f"plan on {gpu}: {sum(c.gpu_hours for c in by_path.values()):.3g} GPU-hours"
     else:
         for d, r in todo.items():
-            record = results.read_record(results.run_dir(committed, r.run_path)) or {}
+            record = layout.read_record(layout.run_dir(committed, r.run_path)) or {}
             parts = [record.get(k) for k in ("train_time_s", "eval_time_s", "aa_time_s")]
-            if record.get("status") == results.STATUS_DONE and parts[0] is not None:
+            if record.get("status") == layout.STATUS_DONE and parts[0] is not None:
                 seconds[d] = sum(p or 0.0 for p in parts)
         source = f"from the times of the same runs in {committed}/"
     line = (f"plan: {len(todo)} run(s) to train ({len(graph) - len(todo)} done), "
@@ -272,7 +272,7 @@ def local_estimate(configs: Sequence[RunConfig], slots, *,
 def _list_schedule(todo: dict, seconds: dict[Path, float], slots: int) -> float:
     """The wall time of the pool's order (pool.py): whenever a slot is free, the first ready run
     of its priority order starts (unknown runs count as zero)."""
-    from .pool import critical_first
+    from ..orchestration.pool import critical_first
 
     waiting, finish, now = critical_first(todo), {}, 0.0
     while waiting:

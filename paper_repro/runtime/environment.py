@@ -7,8 +7,8 @@ import random
 
 import torch
 
-from .config import RunConfig
-from .errors import ConfigError
+from ..config import RunConfig
+from ..errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:

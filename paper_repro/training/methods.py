@@ -13,19 +13,22 @@ import dataclasses
 import importlib
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, ContextManager, Protocol
+from typing import Any, Callable, ClassVar, ContextManager, Mapping, Protocol
 
 import torch
 import torch.nn as nn
 
-from . import faults
-from .config import RunConfig, coerce
-from .data import ArrayLoader
-from .errors import ConfigError
+from .. import faults
+from ..config import Experiment, RunConfig, coerce, row_config
+from ..data import ArrayLoader
+from ..errors import ConfigError
 from .schedules import Schedule
 
 _METHODS: dict[str, type["Method"]] = {}
-_BUILTIN_MODULES = ("baselines", "paper_repro.aft")
+# The plug-ins that register methods, by module name: data, imported on the first look-up, so
+# that core never imports a plug-in (baselines/ imports core). Importing `baselines` imports
+# every file in it (baselines/__init__.py).
+PLUGINS: tuple[str, ...] = ("baselines",)
 
 
 def register_method(cls: type["Method"]) -> type["Method"]:
@@ -37,7 +40,7 @@ def register_method(cls: type["Method"]) -> type["Method"]:
 
 
 def _load_builtins() -> None:
-    for module in _BUILTIN_MODULES:
+    for module in PLUGINS:
         importlib.import_module(module)
 
 
@@ -51,6 +54,15 @@ def get_method(name: str) -> type["Method"]:
     if name not in _METHODS:
         raise ConfigError(f"unknown method '{name}' (valid: {', '.join(sorted(_METHODS))})")
     return _METHODS[name]
+
+
+def resolve_row(exp: Experiment, row_id: str, scale: str, *, seed: int = 0,
+                overrides: Mapping[str, Any] | None = None,
+                controlled_arch: str | None = None) -> RunConfig:
+    """The frozen config of one experiment row at one scale, on top of its method's recipe
+    from this registry (`config.row_config` says the order of the layers)."""
+    return row_config(exp, row_id, scale, lambda method: get_method(method).recipe, seed=seed,
+                      overrides=overrides, controlled_arch=controlled_arch)
 
 
 @dataclass(frozen=True)
@@ -91,7 +103,7 @@ class Context:
     global_step: int = 0
     lr_log: list[float] = dataclasses.field(default_factory=list)  # the LR of every step taken
     stop_reason: str | None = None  # set by `request_stop`: the runner ends training after this epoch
-    # data parallel (paper_repro.distributed): the loader yields this rank's slice of each batch;
+    # data parallel (paper_repro.runtime.distributed): the loader yields this rank's slice of each batch;
     # the runner sets these two so that a method never talks to the other ranks itself
     average_gradients: Callable[[list[torch.optim.Optimizer]], None] | None = None
     gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # the global batch's tensor
@@ -144,7 +156,7 @@ class Objective(Protocol):
     """An adversarial training objective: how x_adv is found, and the loss trained on it.
 
     PGD AT's CE on x_adv, TRADES's and MART's losses implement it; AWP wraps any of them
-    (`baselines/awp.py`), and AFT fine-tunes with any of them (`paper_repro/aft.py`).
+    (`baselines/awp.py`), and AFT fine-tunes with any of them (`baselines/aft.py`).
     """
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,

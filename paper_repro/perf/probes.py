@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 _MATMULS = ("mm", "addmm", "bmm", "baddbmm")
 # autograd nodes that only cast, view or transpose: a parameter behind them is a direct input
@@ -162,7 +162,7 @@ class CompiledGraphProbe:
 
 
 # The functions that run attack-only passes (no weight update follows from them).
-_ATTACK_PASSES = (("paper_repro.attacks", "_input_gradient"),
+_ATTACK_PASSES = (("paper_repro.robustness.attacks", "_input_gradient"),
                   ("baselines.yopo", "layer_one_steps"))
 
 

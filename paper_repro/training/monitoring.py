@@ -12,9 +12,9 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from .config import RunConfig
-from .data.splits import Data, fixed_subset
-from .evaluation import VAL_STEPS, clean_accuracy, pgd_accuracy
+from ..config import RunConfig
+from ..data.splits import Data, fixed_subset
+from ..robustness.evaluation import VAL_STEPS, clean_accuracy, pgd_accuracy
 
 
 @dataclass

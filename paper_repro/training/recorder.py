@@ -15,10 +15,11 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from . import results
-from .checkpoints import TrainingState, reconcile_best
-from .config import RunConfig
-from .errors import ReproError
+from ..store import files, layout
+from ..store.locks import run_lock
+from ..store.checkpoints import TrainingState, reconcile_best
+from ..config import RunConfig
+from ..errors import ReproError
 from .monitoring import VAL_SCORE, epoch_line
 
 
@@ -85,22 +86,22 @@ class Recorder:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ReproError(f"cannot create {self.directory}: {e.strerror}") from None
-        if not locks.enter_context(results.run_lock(self.directory)):
+        if not locks.enter_context(run_lock(self.directory)):
             # unguarded (run_lock warned): every record of this start says so; the runner's
             # final record is built on this same base record
             self.base_record["locked"] = False
-        return results.read_record(self.directory)
+        return layout.read_record(self.directory)
 
     def start(self) -> None:
         """Under the lock: stale temporary files of this run's own writes go, config.json comes."""
-        results.remove_stale_temps(self.directory)
-        results.atomic_write_json(self.directory / "config.json",
+        layout.remove_stale_temps(self.directory)
+        files.atomic_write_json(self.directory / "config.json",
                                   {**self.cfg.to_dict(), "config_hash": self.cfg.config_hash()})
 
     def running(self, state: TrainingState) -> None:
         reconcile_best(self.directory, state)  # best.pt: the best epoch the checkpoint names
-        results.write_record(self.directory, {**self.base_record,
-                                              "status": results.STATUS_RUNNING,
+        layout.write_record(self.directory, {**self.base_record,
+                                              "status": layout.STATUS_RUNNING,
                                               "epochs_done": state.epoch})
         self.scalars = TensorBoardScalars.open(self.directory / TENSORBOARD_DIR)
         if self.scalars is not None:  # a resumed run: its epochs so far, again
@@ -117,8 +118,8 @@ class Recorder:
         if VAL_SCORE in metrics and state.improves(metrics["epoch"], metrics[VAL_SCORE]):
             save_best()
         save_checkpoint()
-        results.write_metrics(self.directory / "metrics.csv", state.metrics)
-        results.write_metrics(self.directory / "lr.csv",
+        files.write_metrics(self.directory / "metrics.csv", state.metrics)
+        files.write_metrics(self.directory / "lr.csv",
                               [{"step": i, "lr": lr} for i, lr in enumerate(state.lr_log)])
         if self.scalars is not None:
             self.scalars.add(state.metrics[-1:], state.lr_log)
@@ -127,13 +128,13 @@ class Recorder:
 
     def fail(self, epoch: int, reason: str) -> None:
         self._close_scalars()
-        results.write_record(self.directory, {**self.base_record, "status": results.STATUS_FAILED,
+        layout.write_record(self.directory, {**self.base_record, "status": layout.STATUS_FAILED,
                                               "failed_epoch": epoch + 1, "reason": reason})
 
     def done(self, record: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Evaluate and write the final record: the last write, so "done" means all is on disk."""
         self._close_scalars()
-        return results.write_record(self.directory, record())
+        return layout.write_record(self.directory, record())
 
     def _close_scalars(self) -> None:
         if self.scalars is not None:

@@ -17,15 +17,15 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from . import results
-from .checkpoints import load_weights
-from .config import PRETRAIN_INHERITED_FIELDS, RunConfig, build_config
-from .data import DatasetInfo
-from .environment import resolve_device
-from .errors import CheckpointError, ReproError
+from ..store import layout
+from ..models.weights import load_weights
+from ..config import PRETRAIN_INHERITED_FIELDS, RunConfig, build_config
+from ..data import DatasetInfo
+from ..runtime.environment import resolve_device
+from ..errors import CheckpointError, ReproError
 from .methods import get_method
-from .models import build_model
-from .pretrained import apply_init
+from ..models import build_model
+from ..models.pretrained import apply_init
 
 # --- the graph (pure) -------------------------------------------------------------------------
 
@@ -64,7 +64,7 @@ def prerequisites(cfg: RunConfig) -> list[RunConfig]:
 
 def prerequisite_path(cfg: RunConfig) -> str:
     """Prerequisites are stored by config hash, so rows that share one train it once."""
-    return results.pretrain_path(cfg.scale, cfg.config_hash())
+    return layout.pretrain_path(cfg.scale, cfg.config_hash())
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def plan(configs: Sequence[RunConfig], run_path: str | None = None) -> dict[Path
     runs: dict[Path, PlannedRun] = {}
 
     def visit(cfg: RunConfig, path: str) -> Path:
-        directory = results.run_dir(cfg.results_dir, path)
+        directory = layout.run_dir(cfg.results_dir, path)
         if directory not in runs:
             needs = tuple(visit(c, prerequisite_path(c)) for c in prerequisites(cfg))
             runs[directory] = PlannedRun(cfg, path, directory, needs)
@@ -99,8 +99,8 @@ def plan(configs: Sequence[RunConfig], run_path: str | None = None) -> dict[Path
 def finished_prerequisite(cfg: RunConfig, needed_by: str) -> Path:
     """The folder of the done prerequisite run `cfg`, with its weights; one line if not."""
     path = prerequisite_path(cfg)
-    directory = results.run_dir(cfg.results_dir, path)
-    if not results.is_done(directory):
+    directory = layout.run_dir(cfg.results_dir, path)
+    if not layout.is_done(directory):
         raise ReproError(f"{needed_by} needs run {path} done first, and it is not: train it "
                          "through `python -m paper_repro run|sweep` or `paper_repro.train`, "
                          "which train every run a run needs first")

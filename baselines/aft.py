@@ -7,7 +7,7 @@ Algorithm:
      'slow start, fast decay' learning-rate schedule (`schedules.slow_start_fast_decay`),
      stepped every iteration.
 
-The fine-tuning step is PGD AT's step (`baselines.pgd_at.PGDObjective`): only the
+The fine-tuning step is PGD AT's step (`paper_repro.training.adversarial.PGDObjective`): only the
 optimiser, the schedule, the length and the starting point differ. Where the paper is silent
 (PGD steps and α of the training attack, the schedule's parameters, Adam's weight decay,
 dropout while fine-tuning) the defaults below are assumptions chosen by a cpu-scale sweep;
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 from baselines.awp import WeightPerturbation, check_awp
 from baselines.mart import MARTObjective
-from baselines.pgd_at import PGDObjective, PGDSettings
+from paper_repro.training.adversarial import PGDObjective, PGDSettings
 from baselines.trades import TRADESObjective
 from paper_repro.errors import ConfigError
-from paper_repro.methods import Context, Method, Objective, objective_epoch, register_method
+from paper_repro.training.methods import Context, Method, Objective, objective_epoch, register_method
 
 LOSSES = ("ce", "trades", "mart")
 REFERENCE_GAMMA = {"ce": 0.01, "trades": 5e-3}  # AT-AWP's, TRADES-AWP's (MART-AWP: no script)

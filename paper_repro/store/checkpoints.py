@@ -1,6 +1,6 @@
 """The one checkpoint format: what is saved each epoch, how a torn file is detected (torch's
 per-record CRCs, which `torch.load` itself does not check) and the previous one used instead,
-and how a run is restored from it. Model weights alone load from here too (`load_weights`).
+and how a run is restored from it. Model weights alone load through models/weights.py.
 
 A run with a validation split also keeps `best.pt`: the weights of its epoch with the highest
 validation PGD accuracy (ties: the earliest), written with the same atomic, CRC-checked save
@@ -13,16 +13,24 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 
-from . import results
-from .config import RunConfig
-from .errors import CheckpointError
-from .methods import Method
-from .pretrained import safe_load
+from ..config import RunConfig
+from ..errors import CheckpointError
+from . import files
+from .files import safe_load
+
+
+class MethodState(Protocol):
+    """What a checkpoint keeps of a training method (training.methods.Method): the state it
+    carries across batches. A protocol, so that the store never imports training."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -53,10 +61,10 @@ BEST_FILE = "best.pt"
 
 
 def save_checkpoint(path: Path, cfg: RunConfig, model: nn.Module,
-                    optimizers: list[torch.optim.Optimizer], method: Method,
+                    optimizers: list[torch.optim.Optimizer], method: MethodState,
                     state: TrainingState) -> None:
-    """Atomically; the previous checkpoint is kept as checkpoint.prev.pt (results.py)."""
-    results.atomic_torch_save({
+    """Atomically; the previous checkpoint is kept as checkpoint.prev.pt (files.py)."""
+    files.atomic_torch_save({
         "config_hash": cfg.config_hash(),
         "model": model.state_dict(),
         "optimizers": [o.state_dict() for o in optimizers],
@@ -73,14 +81,14 @@ def save_best(path: Path, cfg: RunConfig, model: nn.Module, state: TrainingState
     """best.pt: the weights of `state.best_epoch` (the epoch just ended), with its epoch and
     validation scores."""
     row = state.metrics[-1] if state.metrics else {}
-    results.atomic_torch_save({"config_hash": cfg.config_hash(), "model": model.state_dict(),
+    files.atomic_torch_save({"config_hash": cfg.config_hash(), "model": model.state_dict(),
                                "epoch": state.best_epoch, "val_pgd_acc": state.best_score,
                                "val_clean_acc": row.get("val_clean_acc")}, path)
 
 
 def read_best(path: Path) -> dict[str, Any] | None:
     """best.pt (or best.prev.pt) if it is there and whole, read with weights_only; else None."""
-    if not path.is_file() or results.check_checkpoint(path) is not None:
+    if not path.is_file() or files.check_checkpoint(path) is not None:
         return None
     try:
         best = safe_load(path)
@@ -94,7 +102,7 @@ def reconcile_best(directory: Path, state: TrainingState) -> None:
     checkpoint, so after a kill between the two it may hold an epoch the checkpoint never saw;
     then the best before it (best.prev.pt) is the one the checkpoint names."""
     path = directory / BEST_FILE
-    previous = results.previous_checkpoint(path)
+    previous = files.previous_checkpoint(path)
     if state.best_epoch is None:
         path.unlink(missing_ok=True)
         previous.unlink(missing_ok=True)
@@ -114,10 +122,10 @@ def load_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
     """The newest whole checkpoint of the run: checkpoint.pt, or if that one is torn the
     previous good one (checkpoint.prev.pt, with a warning); None when there is neither."""
     torn: list[str] = []
-    for candidate in (path, results.previous_checkpoint(path)):
+    for candidate in (path, files.previous_checkpoint(path)):
         if not candidate.is_file():
             continue
-        why = results.check_checkpoint(candidate)
+        why = files.check_checkpoint(candidate)
         ckpt: Any = None
         if why is None:
             try:
@@ -143,7 +151,7 @@ def load_checkpoint(path: Path, cfg: RunConfig) -> dict[str, Any] | None:
 
 
 def restore(ckpt: dict[str, Any], model: nn.Module, optimizers: list[torch.optim.Optimizer],
-            method: Method, device: torch.device) -> TrainingState:
+            method: MethodState, device: torch.device) -> TrainingState:
     """Put the weights, optimiser and method state back; return where the run stood."""
     model.load_state_dict(ckpt["model"])
     for opt, opt_state in zip(optimizers, ckpt["optimizers"]):
@@ -155,32 +163,6 @@ def restore(ckpt: dict[str, Any], model: nn.Module, optimizers: list[torch.optim
                          lr_log=ckpt["lr_log"], stop_reason=ckpt.get("stop_reason"),
                          best_epoch=ckpt.get("best_epoch"),  # absent before validation splits
                          best_score=ckpt.get("best_val_pgd_acc"))
-
-
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load model weights from our checkpoint or a plain state dict, safely (weights_only)."""
-    state = safe_load(path)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        raise CheckpointError(f"{path}: does not fit this architecture "
-                              f"({_state_mismatch(model.state_dict(), state)})") from None
-
-
-def _state_mismatch(want: dict[str, Any], got: dict[str, Any]) -> str:
-    """One line on how a state dict differs from the model's: missing, unexpected, reshaped."""
-    missing = [k for k in want if k not in got]
-    unexpected = [k for k in got if k not in want]
-    reshaped = [f"{k} {tuple(got[k].shape)} vs {tuple(want[k].shape)}" for k in want
-                if k in got and hasattr(got[k], "shape") and got[k].shape != want[k].shape]
-    parts = [f"{len(items)} {what} (e.g. {items[0]})" for what, items in
-             (("missing keys", missing), ("unexpected keys", unexpected),
-              ("tensors of another shape", reshaped)) if items]
-    return "; ".join(parts) or "incompatible tensors"
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:

@@ -3,8 +3,8 @@
 The runner is the same for every method and trains exactly the run it is given: the runs it
 needs first (AFT's pre-training, a self-training teacher) come from the graph in pipeline.py and
 are trained before it by whoever walks that graph (local.py here, slurm/launcher.py on a
-cluster); if one is not done, `train` says so in one line. Each step below is a call into a room
-named for what it holds: data/splits.py (images), checkpoints.py, monitoring.py, evaluation.py,
+cluster); if one is not done, `train_run` says so in one line. Each step below is a call into a room
+named for what it holds: data/splits.py (images), store/checkpoints.py, monitoring.py, evaluation.py,
 recorder.py (everything written, on rank 0 only), provenance.py.
 """
 from __future__ import annotations
@@ -21,21 +21,24 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from . import fastpath, faults, pipeline, results
-from .checkpoints import (BEST_FILE, TrainingState, load_checkpoint, restore, save_best,
+from .. import faults
+from ..store import files, layout
+from ..runtime import fastpath
+from . import pipeline
+from ..store.checkpoints import (BEST_FILE, TrainingState, load_checkpoint, restore, save_best,
                           save_checkpoint)
-from .config import RunConfig
-from .data import dataset_info
-from .data.splits import Data, load_data, train_loader
-from .distributed import DataParallel, World, init_from_environment
-from .environment import resolve_device, seed_epoch, set_determinism
-from .errors import ConfigError, ReproError
-from .evaluation import best_evaluation, final_evaluation, missing_evaluation, reevaluate
+from ..config import RunConfig
+from ..data import dataset_info
+from ..data.splits import Data, load_data, train_loader
+from ..runtime.distributed import DataParallel, World, init_from_environment
+from ..runtime.environment import resolve_device, seed_epoch, set_determinism
+from ..errors import ConfigError, ReproError
+from ..robustness.evaluation import best_evaluation, final_evaluation, missing_evaluation, reevaluate
 from .flops import TotalFlopCounter
 from .methods import Context, Method, get_method
-from .models import build_model
+from ..models import build_model
 from .monitoring import VAL_SCORE, MonitorSets, ProgressLoader, monitor, monitor_sets
-from .provenance import code_version, hardware
+from ..runtime.provenance import code_version, hardware
 from .recorder import Recorder, SilentRecorder
 from .schedules import Schedule, make_schedule
 
@@ -44,25 +47,27 @@ class TrainingDiverged(ReproError):
     """The training loss became NaN or Inf."""
 
 
-def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
-          quiet: bool = False) -> dict[str, Any]:
-    """Train and evaluate one run; returns its record. A run already done is not re-run (only
+def train_run(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
+              quiet: bool = False) -> dict[str, Any]:
+    """Train and evaluate this one run; returns its record. Its prerequisites (a pre-training,
+    a teacher) must be done: this never trains them (`paper_repro.train`,
+    orchestration/local.py, walks the graph). A run already done is not re-run (only
     evaluated again when the config asks for an evaluation its record lacks).
 
     Bad input, and a prerequisite run that is not done, fail before anything is written; the
-    run's folder is locked while it trains. With N processes (paper_repro.distributed) every
+    run's folder is locked while it trains. With N processes (paper_repro.runtime.distributed) every
     rank trains on its slice of each batch; rank 0 alone locks, writes files and evaluates, the
     others return a short summary.
     """
     run_path = run_path or cfg.run_path
-    directory = results.run_dir(cfg.results_dir, run_path)
+    directory = layout.run_dir(cfg.results_dir, run_path)
     check_existing(directory, cfg)
     world = init_from_environment(resolve_device(cfg.device))
     parallel = DataParallel(world, world.device(resolve_device(cfg.device)))
-    record = results.read_record(directory)
+    record = layout.read_record(directory)
     if parallel.from_main(_is_done(record)):
         if not world.is_main:
-            return {"rank": world.rank, "status": results.STATUS_DONE}
+            return {"rank": world.rank, "status": layout.STATUS_DONE}
         return reevaluate(cfg, directory, record) if missing_evaluation(cfg, record) else record
 
     method = _check(cfg, directory, run_path, resume)
@@ -83,7 +88,7 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
         record = recorder.open(locks)
         if parallel.from_main(_is_done(record)):  # finished by another process while we set up
             return record if recorder.writes else {"rank": world.rank,
-                                                   "status": results.STATUS_DONE}
+                                                   "status": layout.STATUS_DONE}
         recorder.start()
         parallel.barrier()  # rank 0's checkpoint (if any) is whole before every rank reads it
         checkpoint = load_checkpoint(directory / "checkpoint.pt", cfg)
@@ -94,7 +99,7 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
         _epochs(cfg, run, state, world, parallel, recorder)
         if not recorder.writes:  # back once rank 0 has written the checkpoint and the record
             parallel.barrier()
-            return {"rank": world.rank, "status": results.STATUS_DONE,
+            return {"rank": world.rank, "status": layout.STATUS_DONE,
                     "epochs_done": state.epoch, "steps_done": state.global_step}
         record = recorder.done(lambda: _final_record(cfg, run, state, base_record,
                                                      recorder.directory))
@@ -105,12 +110,12 @@ def train(cfg: RunConfig, *, run_path: str | None = None, resume: bool = False,
 # --- check ---------------------------------------------------------------------------------
 
 def _is_done(record: dict[str, Any] | None) -> bool:
-    return bool(record and record.get("status") == results.STATUS_DONE)
+    return bool(record and record.get("status") == layout.STATUS_DONE)
 
 
 def check_existing(directory: Path, cfg: RunConfig) -> None:
     """Refuse, before anything is written, a run folder that holds another config's run."""
-    old = results.read_json(directory / "config.json")
+    old = layout.read_json(directory / "config.json")
     if old and old.get("config_hash") != cfg.config_hash():
         raise ReproError(f"{directory} holds a run with another config (hash "
                          f"{old.get('config_hash')} != {cfg.config_hash()}); refusing to "
@@ -142,7 +147,7 @@ def was_started(directory: Path) -> bool:
     the first epoch) or a checkpoint."""
     checkpoint = directory / "checkpoint.pt"
     return any(p.is_file() for p in (directory / "config.json", checkpoint,
-                                     results.previous_checkpoint(checkpoint)))
+                                     files.previous_checkpoint(checkpoint)))
 
 
 def _check_writable(directory: Path) -> None:
@@ -189,7 +194,7 @@ def _prepare(cfg: RunConfig, run_path: str, method: Method, parallel: DataParall
     init_source, init_note = pipeline.resolve_init(model, cfg, run_path)
     if init_note and not quiet:
         tqdm.write(f"{run_path}: {init_note}")
-    pretrain_record = results.read_record(Path(init_source)) if init_source and \
+    pretrain_record = layout.read_record(Path(init_source)) if init_source and \
         Path(init_source).is_dir() else None
     model.to(device)
     fastpath.prepare_model(model, cfg, device)
@@ -274,7 +279,7 @@ def _final_record(cfg: RunConfig, run: _Run, state: TrainingState, base_record: 
     validation = {k: last[k] for k in ("val_clean_acc", VAL_SCORE) if k in last}
     return {
         **base_record, **final, **best, **validation,
-        "status": results.STATUS_DONE,
+        "status": layout.STATUS_DONE,
         "epochs_done": state.epoch, "steps_done": state.global_step,
         "steps_per_epoch": run.steps_per_epoch, "stopped_early": state.stop_reason,
         "train_time_s": round(state.train_time_s, 3),
