@@ -16,10 +16,10 @@ from typing import Any
 
 import pandas as pd
 
-from .. import results
-from ..config import Experiment, load_experiment, resolve_row
+from ..config import Experiment, load_experiment
 from ..errors import ReproError
-from ..methods import get_method
+from ..store import files, layout, query
+from ..training.methods import resolve_row
 
 TIE_RULES = ("fewer train_flops",)
 
@@ -34,12 +34,12 @@ def candidates(exp: Experiment, row_id: str, scale: str,
     training FLOPs and seeds; NaN metric where the sweep has no done run of it."""
     rule = _rule(exp, row_id)
     sweep = load_experiment(rule["sweep"])
-    runs = results.load(results_dir, scale=scale)
+    runs = query.load(results_dir, scale=scale)
     lines: list[dict[str, Any]] = []
     for candidate in rule["among"]:
         label = sweep.row(candidate).get("label", candidate)
         done = runs[(runs["experiment"] == sweep.name) & (runs["row"] == candidate)
-                    & (runs["status"] == results.STATUS_DONE)] if not runs.empty else runs
+                    & (runs["status"] == layout.STATUS_DONE)] if not runs.empty else runs
         metric = (pd.to_numeric(done[rule["metric"]], errors="coerce")
                   if not done.empty and rule["metric"] in done else pd.Series(dtype=float))
         flops = (pd.to_numeric(done["train_flops"], errors="coerce")
@@ -65,8 +65,7 @@ def pick(exp: Experiment, row_id: str, scale: str, results_dir: str | Path = "re
 def recipe_key(exp: Experiment, row_id: str, scale: str) -> str:
     """The row's config hash without its identity (experiment, row): equal for two rows that
     train the same thing the same way."""
-    cfg = resolve_row(exp, row_id, scale, method_recipe=get_method(exp.row(row_id)["method"]).recipe)
-    return cfg.config_hash(exclude=("experiment", "row"))
+    return resolve_row(exp, row_id, scale).config_hash(exclude=("experiment", "row"))
 
 
 def matches_pick(exp: Experiment, row_id: str, scale: str, chosen: str) -> bool:
@@ -111,7 +110,7 @@ def write_tuning(experiment: str, scale: str, results_dir: str | Path = "results
         return []
     out = Path(results_dir) / "tables" / scale / f"{exp.name}_tuning.md"
     title = f"### {exp.title}: rows tuned on validation ({scale} scale)"
-    results.atomic_write_text(out, "\n".join([title, "", *parts]).rstrip() + "\n")
+    files.atomic_write_text(out, "\n".join([title, "", *parts]).rstrip() + "\n")
     return [out]
 
 
