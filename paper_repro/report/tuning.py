@@ -22,6 +22,7 @@ from ..store import files, layout, query
 from ..training.methods import resolve_row
 
 TIE_RULES = ("fewer train_flops",)
+METRIC_NAMES = {"val_pgd_acc": "Val PGD-10"}  # as the tables name the record's keys
 
 
 def tuned_rows(exp: Experiment) -> list[str]:
@@ -94,7 +95,7 @@ def write_tuning(experiment: str, scale: str, results_dir: str | Path = "results
                        "NO: the row's recipe is not the pick; its numbers are not the tuned ones")
         shown = pd.DataFrame({
             "Setting": table["label"],
-            f"{rule['metric']}": table["metric"].map(lambda v: "" if math.isnan(v) else f"{v:.2f}"),
+            METRIC_NAMES.get(rule["metric"], rule["metric"]): table["metric"].map(lambda v: "" if math.isnan(v) else f"{v:.2f}"),
             "Cost (PFLOP)": table["train_flops"].map(
                 lambda v: "" if math.isnan(v) else f"{v / 1e15:.3g}"),
             "Seeds": table["seeds"],
@@ -102,7 +103,7 @@ def write_tuning(experiment: str, scale: str, results_dir: str | Path = "results
         label = exp.row(row_id).get("label", row_id)
         parts += [f"#### {label}: the {rule['sweep']} setting its rule picks",
                   "", shown.to_markdown(index=False), "",
-                  f"Rule: the highest {rule['metric']} (mean over the sweep's seeds; validation "
+                  f"Rule: the highest {METRIC_NAMES.get(rule['metric'], rule['metric'])} (mean over the sweep's seeds; validation "
                   f"images only, never the test columns) among the settings above; a tie goes to "
                   f"{rule['tie'].replace('fewer train_flops', 'fewer training FLOPs')}. Pick: "
                   f"{chosen or '-'}. The row's recipe is the pick: {verdict}.", ""]
