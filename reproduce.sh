@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Thin entry point: maps a target to `python -m paper_repro ...` after making sure the
 # environment (.venv with the package) and the offline data (Fashion-MNIST) are there.
-#   ./reproduce.sh table1|table2|table3|modern [--scale smoke|cpu|paper] [more flags for `paper_repro sweep`]
+#   ./reproduce.sh table1|table2|table3|modern|table1_replica [--scale smoke|cpu|paper] [more flags for `paper_repro sweep`]
 #   ./reproduce.sh fig1|fig3|fig4|fig5 [--scale S]  run what a figure needs, then draw it
 #   ./reproduce.sh all [--scale S]            every table and figure (train what is missing)
 #     (training targets: --jobs K runs at once, default one per GPU, else one per CPU core)
@@ -101,7 +101,7 @@ usage() {
 target="${1:-}"
 [ $# -gt 0 ] && shift
 case "$target" in
-  table1|table2|table3|modern|fig1|fig3|fig4|fig5|all)
+  table1|table2|table3|modern|table1_replica|fig1|fig3|fig4|fig5|all)
     for arg in "$@"; do
       if [ "$arg" = --fresh ]; then
         parse_fresh "$@"
@@ -112,7 +112,7 @@ case "$target" in
     done ;;
 esac
 case "$target" in
-  table1|table2|table3|modern|fig1|fig4)
+  table1|table2|table3|modern|table1_replica|fig1|fig4)
     ensure_env; ensure_data
     "$PY" -m paper_repro sweep "$target" "$@"
     verify_fresh "$target" ;;
@@ -123,9 +123,9 @@ case "$target" in
     verify_fresh table1 ;;
   all)  # one sweep, so the local pool keeps every slot busy across the experiments
     ensure_env; ensure_data
-    "$PY" -m paper_repro sweep table1 table2 table3 modern fig1 fig4 "$@"
+    "$PY" -m paper_repro sweep table1 table2 table3 modern table1_replica fig1 fig4 "$@"
     "$PY" -m paper_repro aggregate $(aggregate_flags "$@")
-    verify_fresh table1 table2 table3 modern fig1 fig4 ;;
+    verify_fresh table1 table2 table3 modern table1_replica fig1 fig4 ;;
   aggregate)
     ensure_env
     exec "$PY" -m paper_repro aggregate "$@" ;;
