@@ -64,6 +64,7 @@ class AFTSettings(PGDSettings):
 @register_method
 class AFT(Method):
     name = "aft"
+    marker = "*"  # its symbol in the Pareto figures
     Settings = AFTSettings
     fine_tunes = True
     recipe = dict(

@@ -129,6 +129,7 @@ def inverse_augment(padded: torch.Tensor, crop: torch.Tensor, offsets: torch.Ten
 @register_method
 class ATTA(Method):
     name = "atta"
+    marker = "P"  # its symbol in the Pareto figures
     Settings = ATTASettings
     needs_arrays = True  # one stored perturbation per training image, indexed by Batch.index
     recipe = dict(

@@ -149,6 +149,7 @@ class AWP(Method):
 @register_method
 class ATAWP(AWP):
     name = "at_awp"
+    marker = "d"  # its symbol in the Pareto figures
     Settings = ATAWPSettings
     recipe = dict(
         arch="wrn-34-10", epochs=200, batch_size=128, drop_last=False, optimizer="sgd", lr=0.1,
@@ -164,6 +165,7 @@ class ATAWP(AWP):
 @register_method
 class TRADESAWP(AWP):
     name = "trades_awp"
+    marker = "p"  # its symbol in the Pareto figures
     Settings = TRADESAWPSettings
     recipe = dict(
         arch="wrn-34-10", epochs=200, batch_size=128, drop_last=False, optimizer="sgd", lr=0.1,

@@ -60,6 +60,7 @@ class FastSettings:
 @register_method
 class FastAT(Method):
     name = "fast_at"
+    marker = "v"  # its symbol in the Pareto figures
     Settings = FastSettings
     recipe = dict(
         arch="preact-resnet18", epochs=15, batch_size=128, optimizer="sgd", lr=0.2,

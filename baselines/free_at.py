@@ -50,6 +50,7 @@ class FreeSettings:
 @register_method
 class FreeAT(Method):
     name = "free_at"
+    marker = "^"  # its symbol in the Pareto figures
     Settings = FreeSettings
     recipe = dict(
         arch="wrn-32-10", epochs=26, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9,

@@ -78,6 +78,7 @@ class MARTObjective:
 @register_method
 class MART(Method):
     name = "mart"
+    marker = "h"  # its symbol in the Pareto figures
     Settings = MARTSettings
     recipe = dict(
         arch="wrn-34-10", epochs=90, batch_size=128, drop_last=False, optimizer="sgd", lr=0.1,

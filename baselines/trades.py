@@ -95,6 +95,7 @@ class TRADESObjective:
 @register_method
 class TRADES(Method):
     name = "trades"
+    marker = "X"  # its symbol in the Pareto figures
     Settings = TRADESSettings
     recipe = dict(
         arch="wrn-34-10", epochs=76, batch_size=128, drop_last=False, optimizer="sgd", lr=0.1,

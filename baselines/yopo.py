@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from paper_repro.robustness.attacks import LinfThreat, frozen_parameters
+from paper_repro.robustness.attacks import LinfThreat, attack_pass, frozen_parameters
 from paper_repro.errors import ConfigError
 from paper_repro.training.methods import (Context, Meter, Method, make_optimizer, parameter_groups,
                                  register_method)
@@ -90,6 +90,7 @@ def hamiltonian(layer_one: Callable[[torch.Tensor], torch.Tensor], x: torch.Tens
     return (layer_one((x + eta).clamp(0.0, 1.0)) * p).sum()
 
 
+@attack_pass
 def layer_one_steps(layer_one: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                     eta: torch.Tensor, p: torch.Tensor, *, threat: LinfThreat, sigma: float,
                     steps: int) -> torch.Tensor:
@@ -109,6 +110,7 @@ def layer_one_steps(layer_one: Callable[[torch.Tensor], torch.Tensor], x: torch.
 @register_method
 class YOPO(Method):
     name = "yopo"
+    marker = "D"  # its symbol in the Pareto figures
     Settings = YOPOSettings
     recipe = dict(
         arch="wrn-34-10", epochs=37, batch_size=256, drop_last=False, optimizer="sgd", lr=0.08,

@@ -20,6 +20,8 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import ConfigError
+from ..robustness.attacks import ATTACK_PASSES
+from ..training.methods import list_methods
 
 _MATMULS = ("mm", "addmm", "bmm", "baddbmm")
 # autograd nodes that only cast, view or transpose: a parameter behind them is a direct input
@@ -161,11 +163,6 @@ class CompiledGraphProbe:
         return aot_eager(gm, example_inputs, bw_compiler=backward)
 
 
-# The functions that run attack-only passes (no weight update follows from them).
-_ATTACK_PASSES = (("paper_repro.robustness.attacks", "_input_gradient"),
-                  ("baselines.yopo", "layer_one_steps"))
-
-
 @contextlib.contextmanager
 def probing_attacks(model: nn.Module, *, dispatch: bool = True,
                     graphs: CompiledGraphProbe | None = None) -> Iterator[ProbeReport]:
@@ -200,7 +197,8 @@ def probing_attacks(model: nn.Module, *, dispatch: bool = True,
         return watched
 
     originals = []
-    for module_name, attr in _ATTACK_PASSES:
+    list_methods()  # every plug-in imported: their attack passes are marked (@attack_pass)
+    for module_name, attr in list(ATTACK_PASSES):
         module = importlib.import_module(module_name)
         originals.append((module, attr, getattr(module, attr)))
         setattr(module, attr, watch(getattr(module, attr)))

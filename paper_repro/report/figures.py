@@ -37,6 +37,7 @@ import seaborn as sns  # noqa: E402
 from ..store import files, layout, query  # noqa: E402
 from ..config import load_experiment  # noqa: E402
 from .plots import save_figure  # noqa: E402
+from ..training.methods import get_method  # noqa: E402
 
 
 def _first_run(runs: pd.DataFrame, experiment: str, row: str) -> pd.Series | None:
@@ -234,11 +235,6 @@ def write_fig3(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
 
 # --- cost against robustness --------------------------------------------------------------
 
-PARETO_MARKERS = {"natural": "o", "pgd_at": "s", "free_at": "^", "fast_at": "v", "yopo": "D",
-                  "atta": "P", "aft": "*", "trades": "X", "mart": "h", "at_awp": "d",
-                  "trades_awp": "p"}  # one marker per method
-
-
 def _finite(value: object) -> bool:
     try:
         return bool(np.isfinite(float(value)))  # type: ignore[arg-type]
@@ -265,7 +261,7 @@ def pareto_figure(name: str, cells: pd.DataFrame, scale: str) -> plt.Figure | No
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     handles, linked, missing, untimed = [], False, [], []
     for i, (_, cell) in enumerate(cells.iterrows()):
-        marker = PARETO_MARKERS.get(exp.row(cell["row"])["method"], "o")
+        marker = get_method(exp.row(cell["row"])["method"]).marker  # declared by the method
         colour = colours[i]
         handles.append(Line2D([], [], ls="", marker=marker, color=colour, label=shown[i]))
         if not done.iloc[i]:

@@ -23,6 +23,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Every function that runs an attack-only pass (no weight update follows from it), as (module,
+# name): filled by `@attack_pass` where each is defined, read by perf/probes.py, which watches
+# them for weight gradients they must not compute.
+ATTACK_PASSES: list[tuple[str, str]] = []
+
+
+def attack_pass(fn: Callable) -> Callable:
+    """Mark `fn` as an attack-only pass (the probes then watch every call of it). Callers must
+    reach it through its module's global name, which is what the probes replace."""
+    if (fn.__module__, fn.__name__) not in ATTACK_PASSES:
+        ATTACK_PASSES.append((fn.__module__, fn.__name__))
+    return fn
 """(logits, labels) -> per-example losses."""
 
 
@@ -94,6 +107,7 @@ def input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
         return _input_gradient(model, x_adv, y, loss_fn)
 
 
+@attack_pass
 def _input_gradient(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
                     loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
     """`input_gradient` for a model whose parameters the caller has already frozen."""

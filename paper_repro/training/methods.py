@@ -229,6 +229,7 @@ class Method:
     recipe: ClassVar[dict[str, Any]] = {}
     fine_tunes: ClassVar[bool] = False  # starts from a pre-training run (`pretrain`) or `init`
     needs_arrays: ClassVar[bool] = False  # reads the in-memory training set (not streamed data)
+    marker: ClassVar[str] = "o"  # its matplotlib marker in the Pareto figures (report/figures.py)
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
