@@ -142,6 +142,6 @@ case "$target" in
   ""|-h|--help|help)
     usage ;;
   *)
-    echo "reproduce.sh: unknown target '$target' (targets: table1 table2 table3 modern fig1 fig3 fig4 fig5 all aggregate status test gpucheck)" >&2
+    echo "reproduce.sh: unknown target '$target' (targets: table1 table2 table3 modern table1_replica fig1 fig3 fig4 fig5 all aggregate status test gpucheck)" >&2
     exit 2 ;;
 esac
