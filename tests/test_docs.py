@@ -127,7 +127,7 @@ def test_numbers_in_results_prose_are_rendered_cells(name):
 
 def _reproduce_targets() -> set[str]:
     text = (REPO / "reproduce.sh").read_text()
-    return {t for labels in re.findall(r"^  ([a-z0-9|]+)\)", text, re.M)
+    return {t for labels in re.findall(r"^  ([a-z0-9_|]+)\)", text, re.M)
             for t in labels.split("|")}
 
 

@@ -80,7 +80,7 @@ def test_every_piece_runs_on_the_cpu_at_tiny_scale(tmp_path):
     # Table 1's hours: each row's epochs x its per-epoch time, plus AFT's pre-training
     rows = {r["row"]: r for r in check["table1_hours"]}
     assert set(rows) == {"natural", "pgd_at", "free_at", "fast_at", "yopo", "atta", "aft",
-                         "aft_500k"}
+                         "aft_500k", "aft_tuned"}
     for r in rows.values():
         hours = r["epochs"] * 50_000 / r["images_per_s"] / 3600
         if "pretrain_epochs" in r:
@@ -92,7 +92,7 @@ def test_every_piece_runs_on_the_cpu_at_tiny_scale(tmp_path):
     assert rows["aft_500k"]["pretrain_images"] == 550_000
     # the printed table: one line per row
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + 8 and "hours" in table[0]
+    assert len(table) == 1 + 9 and "hours" in table[0]
 
 
 def test_the_budget_skips_what_does_not_fit_and_says_so(tmp_path, capsys):

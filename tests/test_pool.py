@@ -178,9 +178,12 @@ def _cli(*args: str, **kw) -> subprocess.Popen:
 
 
 def test_sigint_stops_every_child_status_shows_the_pool_and_a_rerun_resumes(tmp_path):
+    # long enough (~20 s per smoke run) that the runs are still training when `status` (a
+    # second Python process on the same two cores) has answered and the parent gets SIGINT
+    EPOCHS = 200
     store = tmp_path / "store"
     flags = ["--scale", "smoke", "--rows", "pgd_at", "--seeds", "3", "--results-dir", str(store),
-             "--set", "epochs=60", "--set", "monitor_n=0"]
+             "--set", f"epochs={EPOCHS}", "--set", "monitor_n=0"]
     parent = _cli("sweep", "table1", "--jobs", "2", *flags)
     runs = [results.run_dir(store, f"smoke/table1/pgd_at/seed{k}") for k in range(3)]
     deadline = time.time() + 120
@@ -217,12 +220,12 @@ def test_sigint_stops_every_child_status_shows_the_pool_and_a_rerun_resumes(tmp_
     assert rerun.returncode == 0, out
     for directory, before, then in zip(runs[:2], interrupted, epochs_then):
         record = results.read_record(directory)
-        assert record["status"] == "done" and record["epochs_done"] == 60
-        assert 1 <= len(then) < 60 and record["started_at_unix"] > before["started_at_unix"]
+        assert record["status"] == "done" and record["epochs_done"] == EPOCHS
+        assert 1 <= len(then) < EPOCHS and record["started_at_unix"] > before["started_at_unix"]
         # resumed, not restarted: the epochs done before the interrupt keep their measured
         # times (a restart would have trained and timed them again)
         now = pd.read_csv(directory / "metrics.csv")
-        assert len(now) == 60 and now.head(len(then)).equals(then)
+        assert len(now) == EPOCHS and now.head(len(then)).equals(then)
 
 
 def test_adhoc_runs_honour_the_scale(tmp_path, capsys):

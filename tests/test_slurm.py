@@ -172,7 +172,7 @@ def test_resubmitting_a_finished_sweep_submits_nothing(table1_store, capsys):
     assert "nothing to submit" in capsys.readouterr().out
     assert cli.main(["status", "table1", "--scale", "smoke",
                      "--results-dir", str(table1_store)]) == 0
-    assert "10 done" in capsys.readouterr().out  # 8 rows + 2 pre-training runs
+    assert "11 done" in capsys.readouterr().out  # 9 rows + 2 pre-training runs
 
 
 # --- failures -----------------------------------------------------------------------------------

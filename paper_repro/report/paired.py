@@ -80,6 +80,8 @@ def paired_frame(experiment: str, scale: str, results_dir: str | Path = "results
             if len(diffs) < 2:
                 continue
             mean, low, high = interval(diffs)
+            if key == "aa_acc":
+                name = _aa_name(row, base)
             lines.append({"row": row_id, "baseline": base_id,
                           "comparison": f"{exp.row(row_id).get('label', row_id)} − "
                                         f"{exp.row(base_id).get('label', base_id)}",
@@ -88,6 +90,15 @@ def paired_frame(experiment: str, scale: str, results_dir: str | Path = "results
                           "per_seed": " / ".join(f"{d:+.1f}" for d in diffs),
                           "flops_ratio": flops, "flops_ratio_with_pretrain": with_pretrain})
     return pd.DataFrame(lines)
+
+
+def _aa_name(row: pd.DataFrame, base: pd.DataFrame) -> str:
+    """"AA", or "AA (1000 vs 200 images)" where the two rows ran AutoAttack on different
+    numbers of the PGD images: their difference is then one of estimates on different images,
+    not paired image by image."""
+    counts = ["/".join(str(int(n)) for n in sorted(set(side["aa_n"].dropna())))
+              for side in (row, base)]
+    return "AA" if counts[0] == counts[1] else f"AA ({counts[0]} vs {counts[1]} images)"
 
 
 def write_paired(experiment: str, scale: str, results_dir: str | Path = "results") -> list[Path]:
@@ -107,7 +118,7 @@ def write_paired(experiment: str, scale: str, results_dir: str | Path = "results
         "FLOPs ratio incl. pre-training": frame["flops_ratio_with_pretrain"].map(
             lambda v: f"{v:.3f}"),
     })
-    if experiment == "table1":
+    if load_experiment(experiment).name == "table1":
         views = ("(PGD AT (early stop): the PGD AT runs' best validation epoch)",
                  "(an early-stopped PGD AT run trains as long as PGD AT)",
                  "(AFT (+500K): the student's, on the labelled and pseudo-labelled images; its "
@@ -120,9 +131,14 @@ def write_paired(experiment: str, scale: str, results_dir: str | Path = "results
             "Student-t interval of the mean difference. FLOPs ratio: the row's training FLOPs "
             f"over the baseline's {views[1]}; incl. "
             f"pre-training: with its natural pre-training {views[2]}. Scale: {scale}.")
+    if frame["metric"].str.contains(" vs ").any():
+        note += (" AA (N vs M images): the two rows ran AutoAttack on different numbers of the "
+                 "PGD images (the rows of Table 1's own comparisons on all of them), so that "
+                 "difference is one of estimates on different images, not paired image by image.")
     out_dir = Path(results_dir) / "tables" / scale
     title = f"### {load_experiment(experiment).title}: paired differences ({scale} scale)"
-    md, csv = out_dir / f"{experiment}_paired.md", out_dir / f"{experiment}_paired.csv"
+    name = load_experiment(experiment).name  # a file path is written under its name
+    md, csv = out_dir / f"{name}_paired.md", out_dir / f"{name}_paired.csv"
     results.atomic_write_text(md, f"{title}\n\n{shown.to_markdown(index=False)}\n\n{note}\n")
     results.atomic_write_text(csv, frame.to_csv(index=False))
     return [md, csv]

@@ -291,6 +291,7 @@ def write_table(name: str, scale: str, results_dir: str | Path = "results",
                 controlled_arch: str | None = None, select: str = "final") -> dict[str, Path]:
     """results/tables/<scale>/<name>.{md,csv,tex}; with select "best", <name>-best.*, so the
     final-model table is never replaced by the best-epoch one."""
+    source = name  # an experiment's name, or the path of its file
     df = table_frame(name, scale, results_dir, controlled_arch, select)
     exp = load_experiment(name)
     shown = display_frame(df, exp.time_unit)
@@ -311,9 +312,9 @@ def write_table(name: str, scale: str, results_dir: str | Path = "results",
     if select == "final" and not controlled_arch:  # AFT − PGD AT over seeds, where it has seeds
         from .paired import write_paired
         from .tuning import write_tuning
-        for path in write_paired(exp.name, scale, results_dir):
+        for path in write_paired(source, scale, results_dir):
             paths[f"paired_{path.suffix[1:]}"] = path
-        for path in write_tuning(exp.name, scale, results_dir):
+        for path in write_tuning(source, scale, results_dir):
             paths["tuning_md"] = path
     return paths
 
