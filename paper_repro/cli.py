@@ -10,8 +10,10 @@ shows as "unreadable", and everything else renders.
 The parser is one table of flags (like fast_adversarial's get_args) and every subcommand's
 handler is a few lines that call into the package. Over 400 lines because it has eleven
 commands and the flag-to-config glue they share (experiment rows x seeds, an ad-hoc run's
-stand-in, --select, the pool's slots); the work itself is elsewhere (config.py resolves,
-pool.py trains, report/ renders and verifies), so no cut leaves a room with one purpose.
+stand-in, --select, the pool's slots, the SLURM flags it declares so that building the
+parser never imports the plug-in); the work itself is elsewhere (config.py and
+training/methods.resolve_row resolve, orchestration/pool.py trains, report/ renders and
+verifies), so no cut leaves a room with one purpose.
 """
 from __future__ import annotations
 

@@ -19,8 +19,9 @@ Why it is shaped this way (DESIGN §10):
   local path walks (paper_repro/training/pipeline.py); the runner never trains a prerequisite itself.
 - One module (over 400 lines) because submission, the ledger and status read the same
   scheduler state; split, each part would need the others' private helpers.
-- submitit is imported only when a job is built or submitted: the CLI imports this module for
-  its flags, and training must not depend on submitit.
+- submitit is imported only when a job is built or submitted: the CLI imports this module (by
+  name, cli.SLURM_LAUNCHER) only for `--slurm` and `status`, and training must not depend on
+  submitit.
 """
 from __future__ import annotations
 

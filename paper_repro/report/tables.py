@@ -245,8 +245,9 @@ def footnote(name: str, scale: str, df: pd.DataFrame, controlled_arch: str | Non
     exp = load_experiment(name)
     n = sorted({int(v) for v in df.get("eval_n", pd.Series(dtype=float)).dropna()})
     n_text = "/".join(str(v) for v in n) or "?"
-    aa_text = (f"AA: standard AutoAttack ({AA_PACKAGE}: {AA_ATTACKS}) on {_aa_counts(df)}. "
-               if _aa_counts(df) else "AA: not run. ")
+    aa_counts = _aa_counts(df)
+    aa_text = (f"AA: standard AutoAttack ({AA_PACKAGE}: {AA_ATTACKS}) on {aa_counts}. "
+               if aa_counts else "AA: not run. ")
     text = (f"Protocol: clean accuracy on the full test set; PGD-20 with α = ε/4, one random "
             f"start, eval-mode model, fp32, on {n_text} fixed test images. {aa_text}"
             f"{CHECKS_NOTE}Time: the row's own "

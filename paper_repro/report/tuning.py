@@ -50,15 +50,18 @@ def candidates(exp: Experiment, row_id: str, scale: str,
     return pd.DataFrame(lines)
 
 
-def pick(exp: Experiment, row_id: str, scale: str, results_dir: str | Path = "results") -> str:
-    """The sweep row the rule picks; an error when a candidate has no done run (the rule is
-    over every setting it names, never over those that happen to be stored)."""
-    table = candidates(exp, row_id, scale, results_dir)
+def pick(exp: Experiment, row_id: str, scale: str, results_dir: str | Path = "results",
+         table: pd.DataFrame | None = None) -> str:
+    """The sweep row the rule picks (from `table`, the candidates, when the caller has them);
+    an error when a candidate has no done run (the rule is over every setting it names, never
+    over those that happen to be stored)."""
+    rule = _rule(exp, row_id)
+    table = candidates(exp, row_id, scale, results_dir) if table is None else table
     missing = table.loc[table["metric"].isna(), "sweep_row"].tolist()
     if missing:
         raise ReproError(f"{exp.name} row '{row_id}': the tuning rule needs every candidate's "
-                         f"{_rule(exp, row_id)['metric']} at scale {scale}; not in the store: "
-                         f"{', '.join(missing)} (run `sweep {_rule(exp, row_id)['sweep']}`)")
+                         f"{rule['metric']} at scale {scale}; not in the store: "
+                         f"{', '.join(missing)} (run `sweep {rule['sweep']}`)")
     best = table.sort_values(["metric", "train_flops"], ascending=[False, True], kind="stable")
     return str(best["sweep_row"].iloc[0])
 
@@ -87,7 +90,7 @@ def write_tuning(experiment: str, scale: str, results_dir: str | Path = "results
         if table["metric"].isna().all():
             continue
         try:
-            chosen = pick(exp, row_id, scale, results_dir)
+            chosen = pick(exp, row_id, scale, results_dir, table)
         except ReproError as e:
             chosen, verdict = "", f"no pick: {e}"
         else:
