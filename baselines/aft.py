@@ -65,6 +65,7 @@ class AFTSettings(PGDSettings):
 class AFT(Method):
     name = "aft"
     marker = "*"  # its symbol in the Pareto figures
+    pgd_at_step = True  # with its default loss, "ce": PGD AT's step (bench runs the recipe)
     Settings = AFTSettings
     fine_tunes = True
     recipe = dict(

@@ -51,6 +51,7 @@ class FreeSettings:
 class FreeAT(Method):
     name = "free_at"
     marker = "^"  # its symbol in the Pareto figures
+    attack_passes = None  # each replay's one backward updates δ and the weights at once
     Settings = FreeSettings
     recipe = dict(
         arch="wrn-32-10", epochs=26, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9,

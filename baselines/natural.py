@@ -20,6 +20,7 @@ from paper_repro.training.methods import Context, Meter, Method, register_method
 class Natural(Method):
     name = "natural"
     marker = "o"  # its symbol in the Pareto figures
+    attack_passes = None  # no attack
     recipe = dict(
         arch="wrn-28-10", epochs=200, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9,
         nesterov=True, weight_decay=5e-4, wd_scope="all", schedule="piecewise",

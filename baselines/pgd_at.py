@@ -30,6 +30,7 @@ from paper_repro.training.methods import Context, Method, register_method
 class PGDAT(Method):
     name = "pgd_at"
     marker = "s"  # its symbol in the Pareto figures
+    pgd_at_step = True  # `bench --baseline-loop` times the reference loop beside it
     Settings = PGDSettings
     recipe = dict(
         arch="wrn-32-10", epochs=205, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9,

@@ -111,6 +111,7 @@ def layer_one_steps(layer_one: Callable[[torch.Tensor], torch.Tensor], x: torch.
 class YOPO(Method):
     name = "yopo"
     marker = "D"  # its symbol in the Pareto figures
+    attack_passes = "eager"  # layer_one_steps call the stem outside the compiled model
     Settings = YOPOSettings
     recipe = dict(
         arch="wrn-34-10", epochs=37, batch_size=256, drop_last=False, optimizer="sgd", lr=0.08,

@@ -5,6 +5,8 @@ Tests never write into the repository's results/: every run goes to a tmp_path s
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +49,15 @@ def trained_model(fashion_test):
             opt.step()
     model.eval()
     return model
+
+
+def doc_example(doc: Path, name: str) -> str:
+    """The python block after `<!-- example: NAME (tests/... runs this block) -->` in a doc:
+    a doc example another test runs verbatim (tests/test_docs.py skips it)."""
+    match = re.search(rf"<!-- example: {re.escape(name)}\b[^>]*-->\s*```python\n(.*?)```",
+                      doc.read_text(), re.S)
+    assert match, f"{doc.name} lost its {name} example"
+    return match.group(1)
 
 
 def tiny_config(tmp_path, *, method="natural", experiment="test", **overrides):

@@ -24,7 +24,10 @@ BLOCK = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>\w*)\n(?P<body>.*?)^(?P=inde
                    re.M | re.S)
 LINK = re.compile(r"!?\[[^\]]*\]\((?P<target>[^)\s]+)\)")
 LANGS = {"bash", "python", "toml", "text"}
-RUN_ELSEWHERE = "tests/test_export.py runs this block"  # marker of a block another test runs
+# `<!-- example: NAME (tests/test_X.py runs this block) -->`: another test runs the block
+# verbatim (conftest.doc_example), with checks of its own
+RUN_ELSEWHERE = re.compile(r"<!-- example: (?P<name>[\w-]+) \((?P<test>tests/test_\w+\.py) "
+                           r"runs this block\) -->\s*$")
 SHELL_TOOLS = {"sudo", "eval", "sinfo", "squeue", "sacct", "tensorboard"}  # not ours to parse
 
 
@@ -166,6 +169,8 @@ def _parse(argv: list[str]) -> None:
 def check_command(command: str, targets: set[str]) -> None:
     """Parse one documented command with the real parsers (or check its target / tool)."""
     words = shlex.split(command)
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+        words = words[1:]  # VAR=value before the command: its environment
     if words[:3] == ["python", "-m", "paper_repro"]:
         _parse(_argv(words[3:]))
     elif words[0] == "./reproduce.sh":
@@ -178,8 +183,10 @@ def check_command(command: str, targets: set[str]) -> None:
         elif target not in ("test", "gpucheck"):
             _parse(["sweep", "table1" if target in ("fig3", "fig5", "all") else target, *rest])
     elif words[0].endswith("python") and words[1:3] == ["-m", "pytest"]:
-        for arg in words[3:]:
-            assert arg.startswith("-") or (REPO / arg.split("::")[0]).exists(), arg
+        args = words[3:]
+        for before, arg in zip([""] + args, args):
+            assert arg.startswith("-") or before in ("-k", "-m") or \
+                (REPO / arg.split("::")[0]).exists(), arg
     else:
         assert words[0] in SHELL_TOOLS, f"unknown command in a doc: {command}"
 
@@ -198,7 +205,9 @@ def test_every_shell_line_parses(path, body):
 def test_a_broken_shell_line_fails():
     targets = _reproduce_targets()
     for bad in ("python -m paper_repro sweep table1 --scael cpu", "./reproduce.sh tabel1",
-                "python -m paper_repro frobnicate", "rm -rf results"):
+                "python -m paper_repro frobnicate", "rm -rf results",
+                "REPRO_PLUGINS=x python -m paper_repro frobnicate",
+                "python -m pytest tests/test_nothing.py -k x"):
         with pytest.raises(AssertionError):
             check_command(shlex.join(shlex.split(bad)), targets)
 
@@ -261,8 +270,11 @@ PYTHON = [(path, body, before) for path in FILES for lang, body, before in _bloc
 @pytest.mark.parametrize("path,body,before", PYTHON,
                          ids=[f"{_name(p)}:{i}" for i, (p, _, _) in enumerate(PYTHON)])
 def test_every_python_block_runs(path, body, before, doc_store, tmp_path):
-    if RUN_ELSEWHERE in before:
-        return  # tests/test_export.py runs it, with its own checks
+    elsewhere = RUN_ELSEWHERE.search(before)
+    if elsewhere:  # the test it names runs it: it must exist and look the example up
+        test = (REPO / elsewhere["test"]).read_text()
+        assert f'"{elsewhere["name"]}"' in test, f"{elsewhere['test']} does not run {elsewhere[0]}"
+        return
     for row in ("natural", "aft"):
         shutil.copytree(results.run_dir(doc_store, f"smoke/table1/{row}/seed0"),
                         tmp_path / "results" / "runs" / "cpu" / "table1" / row / "seed0")

@@ -18,7 +18,7 @@ from paper_repro.config import build_config
 from paper_repro.errors import CheckpointError, DataError, ReproError
 from paper_repro.robustness.evaluation import fixed_subset
 from paper_repro.models.registry import Normalize
-from conftest import tiny_config
+from conftest import doc_example, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = "smoke/table1/aft/seed0"
@@ -210,11 +210,7 @@ def test_a_missing_checkpoint_says_which_command_trains_it(aft_store, tmp_path):
 
 def _readme_example() -> str:
     """The docs' load-attack-export example (docs/api.md): the python block after its marker."""
-    text = (REPO / "docs" / "api.md").read_text()
-    match = re.search(r"<!-- example: load-attack-export[^>]*-->\s*```python\n(.*?)```", text,
-                      re.S)
-    assert match, "docs/api.md lost its load-attack-export example"
-    return match.group(1)
+    return doc_example(REPO / "docs" / "api.md", "load-attack-export")
 
 
 def test_the_readme_example_runs(aft_store, tmp_path):

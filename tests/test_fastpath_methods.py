@@ -1,4 +1,8 @@
-"""The GPU fast path, exercised on the CPU for every Table 1 method (issue 15, item 1).
+"""The GPU fast path, exercised on the CPU for every registered method (issue 15, item 1).
+
+The methods are the registry's (`list_methods()`, REPRO_PLUGINS included) and where each one's
+attack-only passes run is what its class declares (`Method.attack_passes`): a new method gets
+every check below without editing this file (tests/test_adding_a_method.py proves it).
 
 Each method takes 3-4 optimiser steps at smoke scale (width-4 cnn-small, batch 8, synthetic
 Fashion-MNIST-shaped data, the method's own recipe, driven the way `bench` drives it) under
@@ -22,10 +26,10 @@ reproduces the run's clean accuracy.
 
 Compile backend: "aot_eager" for every method, plus inductor (bf16 + channels_last + compile,
 the GPU's configuration) for pgd_at alone. Why: on this project's 2-core CI machine inductor's
-C++ code generation takes about a minute per method (pgd_at: 61 s), so all seven would take
-~7 minutes. aot_eager runs everything dynamo and AOT autograd do (tracing, guards, recompiles,
-the joint forward/backward graph that decides which gradients a backward computes, the
-partitioning) and skips only the code generation; PGD AT's step is the attack/update pair
+C++ code generation takes about a minute per method (pgd_at: 61 s), too long for every
+registered method. aot_eager runs everything dynamo and AOT autograd do (tracing, guards,
+recompiles, the joint forward/backward graph that decides which gradients a backward computes,
+the partitioning) and skips only the code generation; PGD AT's step is the attack/update pair
 that AFT also runs, so inductor sees the pattern that matters most.
 """
 from __future__ import annotations
@@ -50,17 +54,11 @@ from paper_repro.data import dataset_info, load_arrays
 from paper_repro.errors import DataError
 from paper_repro.robustness.evaluation import clean_accuracy
 from paper_repro.models import create_model
+from paper_repro.training.methods import get_method, list_methods
 from paper_repro.training.runner import train_run
 from conftest import tiny_config
 
-METHODS = ("natural", "pgd_at", "free_at", "fast_at", "yopo", "atta", "aft", "trades", "mart",
-           "at_awp", "trades_awp")
-# Where each method's attack-only passes run: through the compiled model, eagerly (YOPO's
-# layer-one steps call the stem directly), or nowhere (every pass also updates the weights).
-ATTACK_PASSES = {"natural": None, "free_at": None, "yopo": "eager", "pgd_at": "compiled",
-                 "fast_at": "compiled", "atta": "compiled", "aft": "compiled",
-                 "trades": "compiled", "mart": "compiled", "at_awp": "compiled",
-                 "trades_awp": "compiled"}
+METHODS = tuple(list_methods())
 BATCH = 8
 BF16_ATOL, BF16_RTOL = 0.01, 0.01
 FP32_RTOL = 1e-4
@@ -180,7 +178,7 @@ def test_compiled_training_does_not_recompile_or_compute_weight_gradients_in_att
     losses = _losses(b, 2)  # the first steps compile every graph an epoch needs
     compiled = counters["frames"]["total"]
     assert compiled > frames and graphs.graphs, "the model was not compiled"
-    kind = ATTACK_PASSES[method]
+    kind = get_method(method).attack_passes  # through the compiled model, eagerly, or none
     with probes.probing_attacks(b.model, dispatch=kind == "eager", graphs=graphs) as probe:
         losses += _losses(b, 2, seed=False)
     assert counters["frames"]["total"] == compiled, "recompiled after the first steps"

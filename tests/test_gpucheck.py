@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from paper_repro.config import load_experiment
 from paper_repro.perf import gpucheck
+from paper_repro.training.methods import resolve_row
 from paper_repro.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,6 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 ABSENT_ON_THE_GPU_MACHINE = ("submitit", "seaborn", "matplotlib", "sklearn", "scipy",
                              "tabulate", "pyautoattack", "autoattack", "torchattacks")
 NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}  # the same answer on a CI machine that has one
+# Table 1's rows that train (a view shows another row's run), from the experiment file
+TRAINED_ROWS = [r["id"] for r in load_experiment("table1").rows if "view_of" not in r]
 
 
 def _run_without_optional_packages(*args: str) -> subprocess.CompletedProcess:
@@ -59,13 +63,14 @@ def test_every_piece_runs_on_the_cpu_at_tiny_scale(tmp_path):
     data = json.loads((tmp_path / "bench" / "cpu-tiny.json").read_text())
     check = data["gpucheck"]
     assert check["skipped"] == [] and check["failed"] == []
-    # the bench of every pair eager, and of the first pairs compiled
+    # the bench of every pair eager (every method a row of table1 or modern trains), and of
+    # the first pairs compiled
     eager = {e["method"] for e in data["entries"] if not e["compile"]}
-    assert eager == {"natural", "pgd_at", "free_at", "fast_at", "yopo", "atta", "aft", "trades",
-                     "mart", "at_awp", "trades_awp"}
+    assert eager == {row["method"] for name in gpucheck.EXPERIMENTS
+                     for row in load_experiment(name).rows if "view_of" not in row}
     compiled = [e for e in data["entries"] if e["compile"]]
     assert {e["method"] for e in compiled} == {m for m, _ in
-                                               gpucheck.PAIRS[:gpucheck.TINY.compiled_pairs]}
+                                               gpucheck.bench_pairs()[:gpucheck.TINY.compiled_pairs]}
     for e in data["entries"]:
         assert e["precision"] == "bf16" and e["images_per_s"] > 0
     for e in compiled:
@@ -79,8 +84,7 @@ def test_every_piece_runs_on_the_cpu_at_tiny_scale(tmp_path):
     assert bf16["agree"] == (abs(bf16["pgd20_acc_bf16"] - bf16["pgd20_acc_fp32"]) <= 0.5)
     # Table 1's hours: each row's epochs x its per-epoch time, plus AFT's pre-training
     rows = {r["row"]: r for r in check["table1_hours"]}
-    assert set(rows) == {"natural", "pgd_at", "free_at", "fast_at", "yopo", "atta", "aft",
-                         "aft_500k", "aft_tuned"}
+    assert set(rows) == set(TRAINED_ROWS) >= {"natural", "pgd_at", "aft", "aft_500k"}
     for r in rows.values():
         hours = r["epochs"] * 50_000 / r["images_per_s"] / 3600
         if "pretrain_epochs" in r:
@@ -92,7 +96,30 @@ def test_every_piece_runs_on_the_cpu_at_tiny_scale(tmp_path):
     assert rows["aft_500k"]["pretrain_images"] == 550_000
     # the printed table: one line per row
     table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + 9 and "hours" in table[0]
+    assert len(table) == 1 + len(TRAINED_ROWS) and "hours" in table[0]
+
+
+def test_the_pairs_are_every_table1_run_then_the_later_methods_paired_rows_first():
+    pairs = gpucheck.bench_pairs()
+    table1 = load_experiment("table1")
+    assert len(set(pairs)) == len(pairs)
+    for row in TRAINED_ROWS:
+        cfg = resolve_row(table1, row, "paper")
+        assert (cfg.method, cfg.arch) in pairs, row
+        if cfg.pretrain is not None:  # AFT's natural pre-training, on its architecture
+            assert ("natural", cfg.arch) in pairs
+    first = [resolve_row(table1, table1.source_row(r), "paper") for r in table1.pairs[0]]
+    assert pairs[:2] == tuple((c.method, c.arch) for c in first) == \
+        (("aft", "wrn-28-10"), ("pgd_at", "wrn-32-10"))
+    table1_methods = {r["method"] for r in table1.rows if "view_of" not in r}
+    modern = load_experiment("modern")
+    later = [m for m, _ in pairs if m not in table1_methods]  # once each, after Table 1's
+    assert later == list(dict.fromkeys(r["method"] for r in modern.rows if "view_of" not in r
+                                       and r["method"] not in table1_methods))
+    assert {"trades", "mart", "at_awp", "trades_awp"} <= set(later)
+    assert pairs[-len(later):] == tuple(
+        (m, resolve_row(modern, next(r["id"] for r in modern.rows if r.get("method") == m),
+                        "paper").arch) for m in later)
 
 
 def test_the_budget_skips_what_does_not_fit_and_says_so(tmp_path, capsys):
@@ -101,7 +128,7 @@ def test_the_budget_skips_what_does_not_fit_and_says_so(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "skipped" in out and "bench aft wrn-28-10 eager" in out and "PGD-10 AT epoch" in out
     check = json.loads((tmp_path / "bench" / "cpu-tiny.json").read_text())["gpucheck"]
-    pieces = len(gpucheck.PAIRS) + 1 + gpucheck.TINY.compiled_pairs
+    pieces = len(gpucheck.bench_pairs()) + 1 + gpucheck.TINY.compiled_pairs
     assert len(check["skipped"]) == pieces and check["pgd10_epoch"] is None
     assert all(r["hours"] is None for r in check["table1_hours"])
 

@@ -1,6 +1,7 @@
-"""plan.py: what a sweep costs before it runs. The planned steps and FLOPs of smoke rows equal
-what their real runs record (the counted minibatch scales exactly; a pre-training is in the
-plan once); bench's MFU is used where it measured the GPU; bad input is one line."""
+"""plan.py: what a sweep costs before it runs. The planned steps and FLOPs of smoke rows, and of
+a tiny run of every registered method, equal what their real runs record (the counted minibatch
+scales exactly; a pre-training is in the plan once); bench's MFU is used where it measured the
+GPU; bad input is one line."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,8 @@ from paper_repro.training.flops import TotalFlopCounter
 from paper_repro.models import build_model
 from paper_repro.cli import main
 from paper_repro.config import load_experiment
-from paper_repro.training.methods import resolve_row
+from conftest import tiny_config
+from paper_repro.training.methods import get_method, list_methods, resolve_row
 from paper_repro.perf.gpus import get_gpu
 from paper_repro.perf.plan import plan_costs, render
 
@@ -50,6 +52,22 @@ def test_planned_steps_and_flops_are_what_the_run_records(tmp_path, row):
     with TotalFlopCounter() as counter:
         final_evaluation(model, test_x, test_y, cfg, torch.device("cpu"))
     assert costs[-1].eval_flops == counter.get_total_flops() > 0
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_method_is_planned_as_it_trains(tmp_path, method):
+    """The registry's methods, each a one-epoch tiny run (a fine-tuning method's one-epoch
+    pre-training first): plan's optimiser steps and training FLOPs are what the runs record."""
+    extra = {"pretrain": {"epochs": 1}} if get_method(method).fine_tunes else {}
+    cfg = tiny_config(tmp_path, method=method, epochs=1, **extra)
+    costs = plan_costs([cfg], "h100", bench_dir=tmp_path / "no-bench")
+    local.train_with_prerequisites(cfg, quiet=True)
+    assert [c.run_path for c in costs][-1] == cfg.run_path
+    assert len(costs) == (2 if get_method(method).fine_tunes else 1)
+    for cost in costs:
+        record = results.read_record(results.run_dir(tmp_path, cost.run_path))
+        assert (cost.steps, cost.train_flops) == (record["steps_done"], record["train_flops"])
+        assert cost.train_flops > 0 and cost.eval_flops > 0
 
 
 def test_bench_mfu_is_used_where_bench_measured_that_gpu(tmp_path):

@@ -1,7 +1,7 @@
 """`python -m paper_repro bench`: throughput, FLOPs and MFU of one method's training step.
 
     python -m paper_repro bench --method pgd_at --arch wrn-28-10 --batch 128 [--compile]
-    python -m paper_repro bench --all            # the issue's grid, on a GPU
+    python -m paper_repro bench --all            # every method on the grid, on a GPU
 
 What it does, on synthetic data of the dataset's shape (uint8 noise, random labels, the
 method's own augmentation on the device):
@@ -54,15 +54,20 @@ from ..data import Augment, ArrayLoader, dataset_info
 from ..errors import ConfigError
 from ..training.flops import TotalFlopCounter
 from .gpus import gpu_of
-from ..training.methods import Context, Method, get_method
+from ..training.methods import Context, Method, get_method, list_methods
 from .probes import CompiledGraphProbe, ProbeReport, probing_attacks
 from ..training.schedules import make_schedule
 
 GRID_ARCHS = ("preact-resnet18", "wrn-28-10", "wrn-34-10")
-GRID_METHODS = ("natural", "pgd_at", "fast_at", "free_at", "yopo", "atta", "trades", "mart",
-                "at_awp", "trades_awp")
 GRID_BATCHES = (128, 512)
-BASELINE_METHODS = ("pgd_at", "aft")  # methods whose step is `pgd_at.adversarial_epoch`
+
+
+def grid() -> list[tuple[str, str, int, bool]]:
+    """`bench --all`: (method, arch, batch, with the baseline loop) for every registered method
+    (the registry, so a new method is benched without editing a list) on every grid
+    architecture and batch; the baseline loop beside every method whose step is PGD AT's."""
+    return [(m, a, b, get_method(m).pgd_at_step) for a in GRID_ARCHS for m in list_methods()
+            for b in GRID_BATCHES]
 
 
 # --- the configuration and the pieces of a training step ------------------------------------
@@ -251,9 +256,10 @@ def measure(method: str, arch: str, batch: int, *, dataset: str = "cifar10",
     """
     if steps < 1 or warmup < 0 or repeats < 1:
         raise ConfigError("bench: --steps and --repeats must be >= 1, --warmup >= 0")
-    if baseline_loop and method not in BASELINE_METHODS:
+    if baseline_loop and not get_method(method).pgd_at_step:
+        pgd_at_steps = [m for m in list_methods() if get_method(m).pgd_at_step]
         raise ConfigError(f"--baseline-loop compares PGD-k AT steps: use it with "
-                          f"{' or '.join(BASELINE_METHODS)}, not '{method}'")
+                          f"{' or '.join(pgd_at_steps)}, not '{method}'")
     cfg = bench_config(method, arch, batch, dataset=dataset, device=device,
                        precision=precision, channels_last=channels_last, compile=compile,
                        model_args=model_args)
@@ -433,8 +439,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model option, e.g. --set model_args.width=4")
     p.add_argument("--all", action="store_true",
-                   help=f"the grid {'/'.join(GRID_ARCHS)} x {'/'.join(GRID_METHODS)} x batch "
-                        f"{'/'.join(map(str, GRID_BATCHES))} (pgd_at with --baseline-loop)")
+                   help=f"the grid {'/'.join(GRID_ARCHS)} x every method x batch "
+                        f"{'/'.join(map(str, GRID_BATCHES))} (PGD AT's steps with "
+                        "--baseline-loop)")
     p.add_argument("--results-dir", default="results", help="writes <dir>/bench/<device>.json")
 
 
@@ -449,12 +456,8 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError(f"bench --set takes model_args.<option>=<value>, got '{text}'")
         model_args.update(value)
     path = Path(args.results_dir) / "bench" / f"{device_slug(resolve_device(args.device))}.json"
-    if args.all:
-        grid = [(m, a, b, m == "pgd_at") for a in GRID_ARCHS for m in GRID_METHODS
-                for b in GRID_BATCHES]
-    else:
-        grid = [(args.method, args.arch, args.batch, args.baseline_loop)]
-    for method, arch, batch, baseline in grid:
+    todo = grid() if args.all else [(args.method, args.arch, args.batch, args.baseline_loop)]
+    for method, arch, batch, baseline in todo:
         try:
             entry = measure(method, arch, batch, dataset=args.dataset, device=args.device,
                             precision=args.precision, compile=args.compile,

@@ -4,15 +4,17 @@ A lent GPU comes with ~15 minutes of device time, so this is the one script to r
 (<= 8 minutes, a hard wall-clock budget inside). In this order, most useful first, so that
 the budget cuts the least useful pieces:
 1. `bench` of every Table 1 (method, architecture) pair at batch 128 in bf16 (channels_last),
-   eager; plus natural training of WRN-28-10, AFT's pre-training.
+   eager, natural training of WRN-28-10 (AFT's pre-training) included, then each method only
+   experiments/modern.toml trains (`bench_pairs`: from the experiment files).
 2. One full PGD-10 AT epoch of WRN-28-10 (50,000 synthetic CIFAR-shaped images, 391 steps of
    128; eager bf16, the runner's default on a GPU), timed. The images are learnable (class
    patterns, below), so the epoch yields a somewhat robust model, and then
 3. PGD-20 accuracy of that model on 5,000 held-out images in fp32 and under bf16 autocast,
    same random starts: they must agree within 0.5 pp (the evaluation protocol is fp32; this
    says whether bf16 would change a table's PGD column).
-4. The bench pairs again, compiled (torch.compile, inductor), in the order of PAIRS, until
-   the budget runs out: compiling a wide ResNet takes a minute or more.
+4. The bench pairs again, compiled (torch.compile, inductor), in the order of `bench_pairs`
+   (the pairs Table 1's comparisons use first), until the budget runs out: compiling a wide
+   ResNet takes a minute or more.
 It writes results/bench/<gpu>.json (the bench entries, merged as `bench` merges them, and a
 "gpucheck" section: what ran, was skipped, failed, with each failed piece's traceback) and
 prints a table: images/s eager and compiled, s/epoch and MFU of the faster, and the hours
@@ -53,15 +55,9 @@ from ..data import dataset_info
 from ..errors import ConfigError
 from .gpus import gpu_of
 
-# Table 1's (method, paper-scale architecture) pairs, in the order compiled benches run
-# (experiments/table1.toml rows.paper); natural on WRN-28-10 is AFT's pre-training.
-PAIRS: tuple[tuple[str, str], ...] = (
-    ("aft", "wrn-28-10"), ("pgd_at", "wrn-32-10"), ("fast_at", "preact-resnet18"),
-    ("natural", "wrn-32-10"), ("free_at", "wrn-32-10"), ("yopo", "wrn-34-10"),
-    ("atta", "wrn-34-10"), ("natural", "wrn-28-10"),
-    # beyond the paper (experiments/modern.toml): last, so the budget cuts them first
-    ("trades", "wrn-34-10"), ("mart", "wrn-34-10"), ("at_awp", "wrn-34-10"),
-    ("trades_awp", "wrn-34-10"))
+# Whose (method, architecture) pairs are benched: Table 1's, then each method that only a
+# later experiment trains (beyond the paper: last, so the budget cuts them first).
+EXPERIMENTS = ("table1", "modern")
 BATCH = 128
 EPS = 8 / 255
 AGREEMENT_PP = 0.5
@@ -81,7 +77,7 @@ class Scale:
     epoch_images: int
     check_images: int
     compile_backend: str
-    compiled_pairs: int  # how many of PAIRS to compile (the budget may stop it earlier)
+    compiled_pairs: int | None  # how many pairs to compile (None: all; the budget may stop it)
     min_bench_s: float  # the least time a bench piece needs: do not start it with less left
     min_compiled_s: float
     min_epoch_s: float
@@ -91,7 +87,7 @@ class Scale:
 GPU = Scale(arch=None, model_args={}, batch=BATCH, warmup=3, steps=10, repeats=2,
             epoch_images=dataset_info("cifar10").train_size, check_images=5_000,
             compile_backend="inductor",
-            compiled_pairs=len(PAIRS), min_bench_s=15, min_compiled_s=60, min_epoch_s=60,
+            compiled_pairs=None, min_bench_s=15, min_compiled_s=60, min_epoch_s=60,
             check_reserve_s=30)
 TINY = Scale(arch="cnn-small", model_args={"width": 4}, batch=8, warmup=1, steps=1, repeats=1,
              epoch_images=64, check_images=64, compile_backend="aot_eager", compiled_pairs=2,
@@ -288,7 +284,34 @@ def _epoch_and_bf16_check(report: Report, scale: Scale, device: str, budget: Bud
           f"tolerance {AGREEMENT_PP} pp)", flush=True)
 
 
-# --- Table 1 at paper scale -------------------------------------------------------------------
+# --- what is benched, and Table 1 at paper scale ----------------------------------------------
+
+def bench_pairs() -> tuple[tuple[str, str], ...]:
+    """(method, paper-scale architecture) of every run a Table 1 row trains, its natural
+    pre-training included, then one pair for each method only a later experiment trains: read
+    from the experiment files, so a new row is benched without editing a list. Compiled
+    benches run in this order and the budget cuts the last: the rows Table 1's paired
+    comparisons use come first (AFT, PGD AT), then its other rows in the file's order, then the
+    pre-trainings, then the later experiments' methods."""
+    from ..config import load_experiment
+    from ..training.methods import resolve_row
+    from ..training.pipeline import pretrain_config
+
+    table1 = load_experiment(EXPERIMENTS[0])
+    compared = [table1.source_row(r) for pair in table1.pairs for r in pair]
+    trained = [table1.source_row(r) for r in table1.row_ids]  # a view trains nothing
+    configs = [resolve_row(table1, r, "paper") for r in dict.fromkeys(compared + trained)]
+    pairs = [(c.method, c.arch) for c in configs]
+    pairs += [(p.method, p.arch) for p in (pretrain_config(c) for c in configs
+                                           if c.pretrain is not None)]
+    for name in EXPERIMENTS[1:]:
+        exp = load_experiment(name)
+        for row in exp.rows:
+            if "view_of" not in row and row["method"] not in {m for m, _ in pairs}:
+                cfg = resolve_row(exp, row["id"], "paper")
+                pairs.append((cfg.method, cfg.arch))
+    return tuple(dict.fromkeys(pairs))
+
 
 def table1_hours(report: Report) -> list[dict[str, Any]]:
     """Each Table 1 row: its epochs × its per-epoch time (the faster of eager and compiled),
@@ -411,12 +434,13 @@ def main(args: argparse.Namespace) -> int:
     info = _gpu_info(device)
     print(f"gpucheck on {info['device']}: budget {args.budget_s:.0f} s", flush=True)
     dev = str(device)
-    for method, arch in PAIRS:
+    pairs = bench_pairs()
+    for method, arch in pairs:
         _run_piece(f"bench {method} {arch} eager", scale.min_bench_s, budget, report,
                    lambda m=method, a=arch: _measure(report, scale, dev, m, a, False))
     _run_piece("PGD-10 AT epoch of wrn-28-10 + bf16-vs-fp32 PGD-20 check", scale.min_epoch_s,
                budget, report, lambda: _epoch_and_bf16_check(report, scale, dev, budget))
-    for method, arch in PAIRS[:scale.compiled_pairs]:
+    for method, arch in pairs[:scale.compiled_pairs]:
         _run_piece(f"bench {method} {arch} compiled", scale.min_compiled_s, budget, report,
                    lambda m=method, a=arch: _measure(report, scale, dev, m, a, True))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import os
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, ContextManager, Mapping, Protocol
@@ -27,21 +28,40 @@ from .schedules import Schedule
 _METHODS: dict[str, type["Method"]] = {}
 # The plug-ins that register methods, by module name: data, imported on the first look-up, so
 # that core never imports a plug-in (baselines/ imports core). Importing `baselines` imports
-# every file in it (baselines/__init__.py).
+# every file in it (baselines/__init__.py). REPRO_PLUGINS (comma-separated module names) adds
+# methods kept outside this repository; the pool's and SLURM's jobs inherit it with the
+# environment.
 PLUGINS: tuple[str, ...] = ("baselines",)
+PLUGINS_ENV = "REPRO_PLUGINS"
+ATTACK_PASS_KINDS = ("compiled", "eager", None)  # `Method.attack_passes`
 
 
 def register_method(cls: type["Method"]) -> type["Method"]:
     """Class decorator: registers `cls` under `cls.name`."""
     if cls.name in _METHODS and _METHODS[cls.name] is not cls:
         raise ValueError(f"method '{cls.name}' registered twice")
+    if cls.attack_passes not in ATTACK_PASS_KINDS:
+        raise ValueError(f"method '{cls.name}': attack_passes must be one of "
+                         f"{ATTACK_PASS_KINDS}, got {cls.attack_passes!r}")
     _METHODS[cls.name] = cls
     return cls
 
 
+def plugin_modules() -> tuple[str, ...]:
+    """`PLUGINS`, then the modules REPRO_PLUGINS names."""
+    extra = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
+    return PLUGINS + tuple(m for m in extra if m not in PLUGINS)
+
+
 def _load_builtins() -> None:
-    for module in PLUGINS:
-        importlib.import_module(module)
+    for module in plugin_modules():
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if module in PLUGINS or e.name not in (module, module.split(".")[0]):
+                raise  # a broken install, or the plug-in imports something missing
+            raise ConfigError(f"{PLUGINS_ENV}: no module '{module}' on the Python path "
+                              f"(set PYTHONPATH to the folder that holds it)") from None
 
 
 def list_methods() -> list[str]:
@@ -90,7 +110,8 @@ class Meter:
 
 @dataclass
 class Context:
-    """What the runner hands a method for one epoch."""
+    """What the runner hands a method for one epoch; the model arrives in train mode (a method
+    that attacks in eval mode, as TRADES, sets it itself, and train mode again to update)."""
 
     model: nn.Module
     optimizers: list[torch.optim.Optimizer]
@@ -230,6 +251,14 @@ class Method:
     fine_tunes: ClassVar[bool] = False  # starts from a pre-training run (`pretrain`) or `init`
     needs_arrays: ClassVar[bool] = False  # reads the in-memory training set (not streamed data)
     marker: ClassVar[str] = "o"  # its matplotlib marker in the Pareto figures (report/figures.py)
+    # Where its attack-only passes run, for the fast-path checks (perf/probes.py, tests):
+    # "compiled" through the model (every attack built on attacks.input_gradient), "eager"
+    # outside the compiled model (YOPO's layer-one steps call the stem directly), or None: it
+    # has none (every forward/backward also updates the weights: natural, Free AT).
+    attack_passes: ClassVar[str | None] = "compiled"
+    # True when an epoch is PGD-k AT's step with PGDSettings (training/adversarial.py), so that
+    # `bench --baseline-loop` can time the reference repositories' loop beside it.
+    pgd_at_step: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

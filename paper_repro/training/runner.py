@@ -230,6 +230,9 @@ def _epochs(cfg: RunConfig, run: _Run, state: TrainingState, world: World,
             break
         ctx.epoch = epoch
         seed_epoch(cfg, epoch, world.rank)
+        # every epoch starts in train mode, whatever the last epoch's monitoring left (eval),
+        # so that an epoch never depends on whether the run was resumed before it
+        model.train()
         loader.set_epoch(epoch)
         lr_start = ctx.current_lr()
         t0 = time.perf_counter()
