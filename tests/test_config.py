@@ -10,6 +10,7 @@ from paper_repro.config import build_config, load_experiment, parse_override
 from paper_repro.training.methods import resolve_row
 from paper_repro.errors import ConfigError
 from paper_repro.training.methods import get_method
+from paper_repro.training.pipeline import plan
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -114,17 +115,28 @@ def test_controlled_runs_every_row_on_one_architecture():
             assert "model_args" not in cfg.pretrain
 
 
-def test_committed_results_keep_their_config_hash():
-    """Adding a config field must not orphan runs already in the store: every committed cpu
-    Table 1 record still matches the hash of its row as resolved today."""
-    records = sorted((REPO / "results/runs/cpu/table1").glob("*/seed*/record.json"))
-    assert len(records) >= 8
-    exp = load_experiment("table1")
+def test_every_committed_record_keeps_its_config_hash():
+    """Every committed record of every experiment, and every committed pre-training (stored
+    by hash, reached through its fine-tune's graph of runs), is the run its row resolves to
+    today: a change to the code that moved a hash would orphan it."""
+    records = sorted((REPO / "results" / "runs").glob("**/record.json"))
+    pretrainings = {json.loads(p.read_text())["config_hash"]: p for p in records
+                    if p.parent.parent.name == "pretrain"}
+    reached: set[str] = set()
+    rows = 0
     for path in records:
-        record = json.loads(path.read_text())
-        row = path.parent.parent.name
-        cfg = resolve_row(exp, row, "cpu", seed=int(path.parent.name[4:]))
-        assert cfg.config_hash() == record["config_hash"], row
+        if path.parent.parent.name == "pretrain":
+            continue
+        config = json.loads((path.parent / "config.json").read_text())
+        cfg = resolve_row(load_experiment(config["experiment"]), config["row"],
+                          config["scale"], seed=config["seed"])
+        assert cfg.config_hash() == json.loads(path.read_text())["config_hash"], path
+        rows += 1
+        reached |= {run.cfg.config_hash() for run in plan([cfg]).values()} & set(pretrainings)
+    assert rows >= 100 and len(pretrainings) >= 10
+    assert len(list((REPO / "results/runs/cpu/table1").glob("*/seed*/record.json"))) >= 8
+    assert reached == set(pretrainings), [str(pretrainings[h]) for h in
+                                          set(pretrainings) - reached]
 
 
 def test_evaluation_settings_are_not_part_of_a_runs_identity():
