@@ -2,9 +2,11 @@
 folder outside the repository and named by REPRO_PLUGINS, is a registered method; the page's
 run trains it; and the page's pytest command collects it in every check that covers every
 method (the fast path, the probes, plan, the mechanics) and passes, with no list edited
-anywhere: those tests read the registry. `bench --all` picks it up the same way."""
+anywhere: those tests read the registry. `bench --all` picks it up the same way, and the
+local pool's jobs find it through the environment they inherit."""
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -71,6 +73,26 @@ def test_the_file_registers_the_method_and_the_pages_run_trains_it(plugin, tmp_p
                    plugin, tmp_path)
     assert grid.returncode == 0, grid.stderr
     assert grid.stdout.strip() == repr(sorted(("preact-resnet18", "wrn-28-10", "wrn-34-10")))
+
+
+def test_the_pools_jobs_register_it_from_the_environment(plugin, tmp_path):
+    """Two seeds at once through the local pool: each job is a new process that finds the
+    method through the REPRO_PLUGINS it inherited."""
+    done = subprocess.run(
+        [sys.executable, "-m", "paper_repro", "run", "--method", NAME, "--scale", "paper",
+         "--dataset", "fashion-mnist", "--arch", "mlp", "--set", "model_args.width=32",
+         "--epochs", "1", "--train-subset", "256", "--set", "eval_n=50", "--set", "aa_n=0",
+         "--set", "eval_checks=false", "--seeds", "2", "--jobs", "2",
+         "--results-dir", str(tmp_path / "store")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=plugin)
+    if done.returncode and "Fashion-MNIST" in done.stderr:
+        pytest.skip("Fashion-MNIST not installed")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "2 at a time" in done.stdout
+    for seed in (0, 1):
+        record = tmp_path / "store" / "runs" / "paper" / "adhoc" / NAME / f"seed{seed}" / \
+            "record.json"
+        assert json.loads(record.read_text())["status"] == "done"
 
 
 def test_without_the_plugin_it_is_unknown_and_a_missing_plugin_is_one_line(plugin, tmp_path):
