@@ -15,7 +15,8 @@ Public API (everything else is internal):
 """
 from .api import finetune
 from .robustness.attacks import fgsm_rs, pgd
-from .config import RunConfig, build_config, load_experiment
+from .config import RunConfig, build_config
+from .experiment import load_experiment
 from .training.methods import resolve_row
 from .export import export_model, load_model, load_test_images
 from .orchestration.local import train_with_prerequisites as train

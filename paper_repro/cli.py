@@ -162,7 +162,8 @@ def _adhoc_config(method: str, standin: str, name: str, seed: int, overrides: di
     that trains `method` (table1 first: its dataset, network, images, ε and scaled epochs),
     else ("paper") the method's own recipe. The command line's flags win; an --arch of its own
     drops the stand-in network's options. `scale` labels the run."""
-    from .config import build_config, list_experiments, load_experiment, unsupported_reason
+    from .config import build_config
+    from .experiment import list_experiments, load_experiment, unsupported_reason
     from .training.methods import resolve_row
 
     recipe = _recipe(method)  # an unknown method is one line before anything else
@@ -251,7 +252,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def _experiment_configs(args: argparse.Namespace, name: str, scale: str) -> list:
     """The configs a sweep of experiment `name` runs: its rows (or --rows) x seeds."""
-    from .config import load_experiment, unsupported_reason
+    from .experiment import load_experiment, unsupported_reason
     from .training.methods import resolve_row
 
     exp = load_experiment(name)
@@ -313,7 +314,7 @@ def _sweep_configs(args: argparse.Namespace, scale: str) -> list:
 
 
 def _render_sweep(args: argparse.Namespace) -> None:
-    from .config import load_experiment
+    from .experiment import load_experiment
     from .report.figures import write_figures
 
     tables = [n for n in args.experiments if load_experiment(n).kind != "figure"]
@@ -656,7 +657,7 @@ def _add_device_commands(sub: Any) -> None:
 
 
 def _print_lists() -> None:
-    from .config import list_experiments
+    from .experiment import list_experiments
     from .data import list_datasets
     from .training.methods import list_methods
     from .models import list_models

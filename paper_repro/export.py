@@ -39,8 +39,8 @@ import torch
 from .store import files, layout
 from .models.weights import load_state, load_weights
 from .store.checkpoints import BEST_FILE
-from .config import (NOT_RECIPE_FIELDS, RunConfig, build_config, list_experiments,
-                     load_experiment)
+from .config import NOT_RECIPE_FIELDS, RunConfig, build_config
+from .experiment import list_experiments, load_experiment
 from .data import dataset_info
 from .errors import CheckpointError, ConfigError, ReproError
 from .models import ImageClassifier, build_model, create_model

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from paper_repro import cli
-from paper_repro.config import load_experiment
+from paper_repro.experiment import load_experiment
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = load_experiment("table1").row_ids  # the experiment file's rows, in its order

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from paper_repro.config import build_config, load_experiment, parse_override
+from paper_repro.config import build_config, parse_override
+from paper_repro.experiment import load_experiment
 from paper_repro.training.methods import resolve_row
 from paper_repro.errors import ConfigError
 from paper_repro.training.methods import get_method

@@ -17,7 +17,8 @@ import torch
 from paper_repro import cli, results
 from paper_repro.training import runner
 from paper_repro.store.checkpoints import load_checkpoint, restore
-from paper_repro.config import build_config, load_experiment
+from paper_repro.config import build_config
+from paper_repro.experiment import load_experiment
 from paper_repro.training.methods import resolve_row
 from paper_repro.data import dataset_info
 from paper_repro.data.splits import load_test_set

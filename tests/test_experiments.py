@@ -6,7 +6,7 @@ import pytest
 
 from paper_repro import results
 from paper_repro.cli import main
-from paper_repro.config import load_experiment
+from paper_repro.experiment import load_experiment
 from paper_repro.training.methods import resolve_row
 from paper_repro.errors import ConfigError
 from paper_repro.report.figures import write_figures

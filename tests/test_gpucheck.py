@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from paper_repro.config import load_experiment
+from paper_repro.experiment import load_experiment
 from paper_repro.perf import gpucheck
 from paper_repro.training.methods import resolve_row
 from paper_repro.cli import main

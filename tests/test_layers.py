@@ -34,7 +34,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 TOP_LEVEL = {  # paper_repro's own top-level modules; a subpackage is its own group
     "paper_repro": "api", "paper_repro.api": "api", "paper_repro.export": "api",
     "paper_repro.results": "store", "paper_repro.errors": "kernel", "paper_repro.faults": "kernel",
-    "paper_repro.config": "config", "paper_repro.cli": "cli", "paper_repro.__main__": "cli"}
+    "paper_repro.config": "config", "paper_repro.experiment": "config", "paper_repro.cli": "cli",
+    "paper_repro.__main__": "cli"}
 RANK = {group: i for i, layer in enumerate(LAYERS) for group in layer}
 
 

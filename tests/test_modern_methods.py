@@ -281,7 +281,7 @@ def test_aft_new_settings_stay_out_of_the_hash_at_their_defaults():
 # --- the modern experiment ----------------------------------------------------------------------
 
 def _resolve(name: str, row: str, scale: str, seed: int = 0):
-    from paper_repro.config import load_experiment
+    from paper_repro.experiment import load_experiment
     from paper_repro.training.methods import resolve_row
     exp = load_experiment(name)
     return resolve_row(exp, row, scale, seed=seed)
@@ -290,7 +290,7 @@ def _resolve(name: str, row: str, scale: str, seed: int = 0):
 @pytest.mark.parametrize("scale", ["paper", "cpu", "smoke"])
 def test_modern_reuses_table1_runs_and_pretraining(scale):
     """PGD AT and AFT are Table 1's runs (same hash and folder); AFT-* share its pre-training."""
-    from paper_repro.config import load_experiment
+    from paper_repro.experiment import load_experiment
     from paper_repro.training.pipeline import pretrain_config
     exp = load_experiment("modern")
     for row, source in (("pgd_at", "pgd_at"), ("pgd_at_es", "pgd_at"), ("aft", "aft")):
@@ -310,7 +310,7 @@ def test_modern_reuses_table1_runs_and_pretraining(scale):
 
 
 def test_a_view_of_another_experiments_row_must_exist(tmp_path):
-    from paper_repro.config import load_experiment
+    from paper_repro.experiment import load_experiment
     for view, message in (('"table1/nothing"', "view_of must name another row"),
                           ('"nowhere/pgd_at"', "view_of must name another row"),
                           ('"table1/pgd_at_es"', "not itself a view")):

@@ -17,7 +17,8 @@ import torch
 import torchvision
 
 from paper_repro import train  # trains a row's prerequisites (pre-training, teacher) first
-from paper_repro.config import build_config, load_experiment
+from paper_repro.config import build_config
+from paper_repro.experiment import load_experiment
 from paper_repro.training.methods import resolve_row
 from paper_repro.errors import ConfigError
 from paper_repro.training.methods import get_method

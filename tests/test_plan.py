@@ -18,7 +18,7 @@ from paper_repro.robustness.evaluation import final_evaluation
 from paper_repro.training.flops import TotalFlopCounter
 from paper_repro.models import build_model
 from paper_repro.cli import main
-from paper_repro.config import load_experiment
+from paper_repro.experiment import load_experiment
 from conftest import tiny_config
 from paper_repro.training.methods import get_method, list_methods, resolve_row
 from paper_repro.perf.gpus import get_gpu

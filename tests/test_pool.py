@@ -14,7 +14,7 @@ import pytest
 
 from paper_repro import cli, results
 from paper_repro.orchestration import pool
-from paper_repro.config import load_experiment
+from paper_repro.experiment import load_experiment
 from paper_repro.training.methods import resolve_row
 from paper_repro.training.methods import get_method
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from paper_repro import cli, results
-from paper_repro.config import load_experiment
+from paper_repro.experiment import load_experiment
 from paper_repro.training.methods import resolve_row
 from paper_repro.errors import ConfigError
 from paper_repro.report import regime

@@ -12,7 +12,7 @@ import pytest
 from paper_repro import cli, results
 from paper_repro.training import pipeline
 from paper_repro.training import runner
-from paper_repro.config import load_experiment
+from paper_repro.experiment import load_experiment
 from paper_repro.report.tables import table_frame
 from conftest import tiny_config
 
@@ -133,7 +133,7 @@ def test_table_and_status_list_the_unreadable_run(tmp_path, capsys):
 
 
 def test_status_names_an_unreadable_pretraining_and_the_run_that_needs_it(tmp_path, capsys):
-    from paper_repro.config import load_experiment
+    from paper_repro.experiment import load_experiment
     from paper_repro.training.methods import resolve_row
 
     cfg = resolve_row(load_experiment("table1"), "aft", "smoke")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from paper_repro.config import load_experiment
+from paper_repro.experiment import load_experiment
 from paper_repro.errors import ConfigError, ReproError
 from paper_repro.report import tuning
 

@@ -293,7 +293,7 @@ def bench_pairs() -> tuple[tuple[str, str], ...]:
     benches run in this order and the budget cuts the last: the rows Table 1's paired
     comparisons use come first (AFT, PGD AT), then its other rows in the file's order, then the
     pre-trainings, then the later experiments' methods."""
-    from ..config import load_experiment
+    from ..experiment import load_experiment
     from ..training.methods import resolve_row
     from ..training.pipeline import pretrain_config
 
@@ -316,7 +316,7 @@ def bench_pairs() -> tuple[tuple[str, str], ...]:
 def table1_hours(report: Report) -> list[dict[str, Any]]:
     """Each Table 1 row: its epochs × its per-epoch time (the faster of eager and compiled),
     plus an AFT row's natural pre-training; None where a needed pair was not measured."""
-    from ..config import load_experiment
+    from ..experiment import load_experiment
     from ..training.methods import resolve_row
     from ..data.registry import EXTRA_DATA
     from ..training.pipeline import pretrain_config

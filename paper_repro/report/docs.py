@@ -109,7 +109,7 @@ VIEWS: dict[str, tuple[str, Callable[[Path], str]]] = {  # name -> (file it read
 
 def render_block(name: str, scale: str, results_dir: str | Path = "results") -> str:
     """The body of the block <!-- name:scale -->, from the rendered files of the store."""
-    from ..config import list_experiments
+    from ..experiment import list_experiments
 
     tables = Path(results_dir) / "tables" / scale
     if name == "bench":

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from ..store import files, layout, query  # noqa: E402
-from ..config import load_experiment  # noqa: E402
+from ..experiment import load_experiment  # noqa: E402
 from .plots import save_figure  # noqa: E402
 from ..training.methods import get_method  # noqa: E402
 

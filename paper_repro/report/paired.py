@@ -17,7 +17,7 @@ import pandas as pd
 from scipy import stats
 
 from .. import results
-from ..config import load_experiment
+from ..experiment import load_experiment
 
 METRICS = (("clean_acc", "clean"), ("pgd_acc", "PGD-20"), ("aa_acc", "AA"))
 CONFIDENCE = 0.95

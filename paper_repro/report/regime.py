@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 
 from ..store import files, layout, query
-from ..config import EXPERIMENTS_DIR, Experiment, load_experiment
+from ..experiment import EXPERIMENTS_DIR, Experiment, load_experiment
 from ..training.methods import resolve_row
 from ..errors import ConfigError
 

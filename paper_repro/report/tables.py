@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from ..store import files, layout, query
-from ..config import SELECTS, controlled_name, load_experiment, unsupported_reason
+from ..experiment import SELECTS, controlled_name, load_experiment, unsupported_reason
 from ..errors import ReproError
 from ..robustness.evaluation import (AA_ATTACKS, AA_PACKAGE, LARGE_EPS_FACTOR, LARGE_EPS_MAX_ACC,
                           ORDER_TOLERANCE_PP, PGD100_MARGIN_PP)
@@ -325,7 +325,7 @@ def tables_with_results(scale: str, results_dir: str | Path = "results") -> list
     runs = query.load(results_dir, scale=scale)
     if runs.empty:
         return []
-    from ..config import list_experiments
+    from ..experiment import list_experiments
     # controlled variants are rendered by `table --controlled`; figure experiments by figures.py
     known = {e for e in list_experiments() if load_experiment(e).kind == "table"}
     return sorted(e for e in runs["experiment"].dropna().unique() if e in known)

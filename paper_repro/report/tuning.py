@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..config import Experiment, load_experiment
+from ..experiment import Experiment, load_experiment
 from ..errors import ReproError
 from ..store import files, layout, query
 from ..training.methods import resolve_row

@@ -37,7 +37,7 @@ from typing import Any
 import pandas as pd
 
 from .. import results
-from ..config import load_experiment
+from ..experiment import load_experiment
 from ..errors import ReproError
 from .paired import METRICS, interval, per_seed, t_quantile
 from .tables import _paper_numbers

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from .. import faults
-from ..config import Experiment, RunConfig, coerce, row_config
+from ..config import RunConfig, coerce
+from ..experiment import Experiment, row_config
 from ..data import ArrayLoader
 from ..errors import ConfigError
 from .schedules import Schedule
@@ -80,7 +81,7 @@ def resolve_row(exp: Experiment, row_id: str, scale: str, *, seed: int = 0,
                 overrides: Mapping[str, Any] | None = None,
                 controlled_arch: str | None = None) -> RunConfig:
     """The frozen config of one experiment row at one scale, on top of its method's recipe
-    from this registry (`config.row_config` says the order of the layers)."""
+    from this registry (`experiment.row_config` says the order of the layers)."""
     return row_config(exp, row_id, scale, lambda method: get_method(method).recipe, seed=seed,
                       overrides=overrides, controlled_arch=controlled_arch)
 
