@@ -3,7 +3,7 @@
     submit_sweep(configs, options) -> job ids     one array per sweep (plus one per dependency)
     status(configs) -> rows        done / running / queued / failed / interrupted / not submitted
     ExecutorOptions                               what to ask SLURM for (partition, GPUs, time...)
-    options_from_args                            the CLI's --slurm flags (cli.SLURM_FLAGS) read
+    options_from_args                            the CLI's --slurm flags (cli/parser.py SLURM_FLAGS) read
 
 Why it is shaped this way (DESIGN §10):
 - The store is the source of truth. A run whose record is done is never submitted again, and a
@@ -20,7 +20,7 @@ Why it is shaped this way (DESIGN §10):
 - One module (over 400 lines) because submission, the ledger and status read the same
   scheduler state; split, each part would need the others' private helpers.
 - submitit is imported only when a job is built or submitted: the CLI imports this module (by
-  name, cli.SLURM_LAUNCHER) only for `--slurm` and `status`, and training must not depend on
+  name, cli/parser.py SLURM_LAUNCHER) only for `--slurm` and `status`, and training must not depend on
   submitit.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from paper_repro import results
-from paper_repro.cli import SLURM_FLAGS
+from paper_repro.cli.parser import SLURM_FLAGS
 from paper_repro.errors import ReproError
 
 if TYPE_CHECKING:

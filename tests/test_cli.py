@@ -129,3 +129,14 @@ def test_list_names_every_registry_and_the_init_forms(capsys):
     for name in ("aft", "atta", "preact-resnet18", "fashion-mnist", "imagenet", "table3", "fig4",
                  "torchvision:<name>", "timm:<name>", "run:<run-path>"):
         assert name in out, name
+
+
+def test_every_subcommand_has_a_handler_and_every_handler_a_subcommand():
+    """The parser (cli/parser.py) and the dispatch table (cli.COMMANDS) name the same verbs."""
+    import argparse
+
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == set(cli.COMMANDS)
+    assert {"run", "sweep", "table", "aggregate", "verify", "bench", "gpucheck"} <= \
+        set(cli.COMMANDS)

@@ -162,7 +162,7 @@ def test_an_experiment_file_sets_how_many_seeds_a_sweep_runs(tmp_path):
 
     def seeds(*argv: str, scale: str = "cpu", name: str = "table1") -> set[int]:
         args = parser.parse_args(["sweep", name, "--scale", scale, *argv])
-        return {c.seed for c in cli._experiment_configs(args, name, scale)}
+        return {c.seed for c in cli.train._experiment_configs(args, name, scale)}
 
     assert load_experiment("table1").seeds == {"cpu": 3}
     assert seeds() == {0, 1, 2} and seeds("--seeds", "1") == {0}
@@ -183,7 +183,7 @@ def test_run_of_one_row_trains_one_seed_unless_asked(monkeypatch):
     trained = []
     monkeypatch.setattr(pool, "train_all", lambda configs, slots, **kw:
                         trained.extend(cfg.seed for cfg in configs) or pool.Outcome())
-    monkeypatch.setattr(cli, "_report", lambda record, select="final": None)
+    monkeypatch.setattr(cli.train, "_report", lambda record, select="final": None)
     argv = ["run", "--experiment", "table1", "--row", "natural", "--scale", "cpu"]
     assert cli.main(argv) == 0 and trained == [0]
     assert cli.main([*argv, "--seeds", "2"]) == 0 and trained == [0, 0, 1]

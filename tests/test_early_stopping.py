@@ -1,7 +1,7 @@
 """Early stopping on the validation split: best.pt is the epoch with the highest validation PGD
 accuracy (monitoring.py, checkpoints.py, recorder.py), it survives a resume, the record holds the
 final and the best model's numbers (evaluation.py), `--select` shows one or the other and changes
-nothing else (cli.py, report/tables.py), a view row shows another row's run at its best epoch,
+nothing else (cli/, report/tables.py), a view row shows another row's run at its best epoch,
 and no stored config hash changes while the split is off (config.py).
 
 Validation scores are planted (runner.monitor wrapped) so that the best epoch is known."""
@@ -325,7 +325,7 @@ def test_a_view_row_trains_nothing(tmp_path):
 
     def configs(*extra):
         args = parser.parse_args(["sweep", experiment, "--scale", "smoke", *extra])
-        return [c.run_path for c in cli._experiment_configs(args, experiment, "smoke")]
+        return [c.run_path for c in cli.train._experiment_configs(args, experiment, "smoke")]
 
     assert configs() == ["smoke/es_test/pgd_at/seed0"]
     assert configs("--rows", "pgd_at_es") == configs("--rows", "pgd_at,pgd_at_es") == configs()

@@ -11,7 +11,7 @@ paper_repro/results.py, the store's public face, belongs to the store.
 
 `store` and `runtime`, `perf` and `report` are siblings: neither imports
 the other. Plug-ins import core; core reaches them only through the entry lists that are data
-(`training.methods.PLUGINS`, `cli.SLURM_LAUNCHER`), imported with importlib by name.
+(`training.methods.PLUGINS`, `cli.parser.SLURM_LAUNCHER`), imported with importlib by name.
 
 Every `import` counts, at module level or inside a function, `if TYPE_CHECKING:` included.
 Exempt: a package's parent packages, which Python imports before it (paper_repro/__init__.py,

@@ -247,7 +247,7 @@ def test_adhoc_runs_honour_the_scale(tmp_path, capsys):
                        / "config.json").read_text())
     assert mine["epochs"] == 2 and mine["arch"] == "cnn-small" and mine["model_args"] == {}
     # at paper scale: the method's own recipe
-    paper = cli._adhoc_config("pgd_at", "paper", "pgd_at", 0, {}, scale="paper")
+    paper = cli.train._adhoc_config("pgd_at", "paper", "pgd_at", 0, {}, scale="paper")
     assert paper.arch == get_method("pgd_at").recipe["arch"] and paper.train_subset is None
 
 

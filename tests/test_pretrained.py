@@ -255,7 +255,7 @@ def test_finetune_from_torchvision_records_the_replaced_head(torch_home, tmp_pat
 def test_finetune_cli_takes_the_architecture_from_the_init(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(runner, "train_run", lambda cfg, **kw: seen.setdefault("cfg", cfg) and {})
-    monkeypatch.setattr("paper_repro.cli._report", lambda record, select="final": None)
+    monkeypatch.setattr("paper_repro.cli.train._report", lambda record, select="final": None)
     main(["finetune", "--init", "torchvision:resnet50:IMAGENET1K_V1", "--dataset", "cifar10",
           "--results-dir", str(tmp_path)])
     assert seen["cfg"].arch == "torchvision:resnet50" and seen["cfg"].method == "aft"
