@@ -46,10 +46,10 @@ import torch.nn as nn
 from torch._dynamo.utils import counters
 
 from paper_repro import results
-from paper_repro.perf import bench
 from paper_repro.runtime import fastpath
 from paper_repro.perf import probes
-from paper_repro.perf.bench import Bench
+from paper_repro.perf import harness
+from paper_repro.perf.harness import Bench
 from paper_repro.data import dataset_info, load_arrays
 from paper_repro.errors import DataError
 from paper_repro.robustness.evaluation import clean_accuracy
@@ -78,9 +78,9 @@ def _bench(method: str, **fast: object) -> Bench:
     """The method's recipe on a width-4 cnn-small, 4 minibatches of synthetic data, the model
     prepared by the fast path but not compiled yet (as `bench.measure` does). The initial
     weights and data depend only on the seed, so every variant starts equal."""
-    cfg = bench.bench_config(method, "cnn-small", BATCH, dataset="fashion-mnist",
+    cfg = harness.bench_config(method, "cnn-small", BATCH, dataset="fashion-mnist",
                              device="cpu", model_args={"width": 4}, **fast)
-    b = bench.make_bench(dataclasses.replace(cfg, eps=0.1), steps=4)
+    b = harness.make_bench(dataclasses.replace(cfg, eps=0.1), steps=4)
     fastpath.prepare_model(b.model, dataclasses.replace(b.cfg, compile=False), b.device)
     return b
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from paper_repro.experiment import load_experiment
+from paper_repro.perf.budget import Budget, run_piece
 from paper_repro.perf import gpucheck
 from paper_repro.training.methods import resolve_row
 from paper_repro.cli import main
@@ -134,19 +135,19 @@ def test_the_budget_skips_what_does_not_fit_and_says_so(tmp_path, capsys):
 
 
 def test_a_piece_whose_minimum_does_not_fit_is_not_started():
-    budget, report = gpucheck.Budget(60), gpucheck.Report()
+    budget, report = Budget(60), gpucheck.Report()
     ran = []
-    gpucheck._run_piece("compile a WRN", 120, budget, report, lambda: ran.append(1))
-    gpucheck._run_piece("bench", 1, budget, report, lambda: ran.append(2))
+    run_piece("compile a WRN", 120, budget, report, lambda: ran.append(1))
+    run_piece("bench", 1, budget, report, lambda: ran.append(2))
     assert ran == [2] and report.skipped == ["compile a WRN"] and not report.out_of_time
 
 
 def test_a_piece_still_running_at_the_deadline_is_cut_off():
-    budget, report = gpucheck.Budget(0.3), gpucheck.Report()
+    budget, report = Budget(0.3), gpucheck.Report()
     handler = signal.getsignal(signal.SIGALRM)
-    gpucheck._run_piece("sleeps", 0, budget, report, lambda: time.sleep(30))
+    run_piece("sleeps", 0, budget, report, lambda: time.sleep(30))
     ran = []
-    gpucheck._run_piece("after", 0, budget, report, lambda: ran.append(1))
+    run_piece("after", 0, budget, report, lambda: ran.append(1))
     assert report.out_of_time and not ran
     assert report.skipped == ["sleeps (cut off at the deadline)", "after"]
     assert signal.getsignal(signal.SIGALRM) is handler  # the alarm is disarmed and restored
@@ -154,10 +155,10 @@ def test_a_piece_still_running_at_the_deadline_is_cut_off():
 
 
 def test_a_failing_piece_is_reported_and_the_others_still_run():
-    budget, report = gpucheck.Budget(60), gpucheck.Report()
-    gpucheck._run_piece("broken", 0, budget, report, lambda: 1 / 0)
+    budget, report = Budget(60), gpucheck.Report()
+    run_piece("broken", 0, budget, report, lambda: 1 / 0)
     ran = []
-    gpucheck._run_piece("next", 0, budget, report, lambda: ran.append(1))
+    run_piece("next", 0, budget, report, lambda: ran.append(1))
     assert ran and report.failed == ["broken: ZeroDivisionError: division by zero"]
     assert "ZeroDivisionError" in report.tracebacks["broken"] and "next" not in report.tracebacks
 

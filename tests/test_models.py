@@ -289,11 +289,11 @@ def test_mlp_trains_under_every_method(method: str) -> None:
     Hamiltonian)."""
     import dataclasses
 
-    from paper_repro.perf import bench
+    from paper_repro.perf import harness
 
-    cfg = bench.bench_config(method, "mlp", 8, dataset="fashion-mnist", device="cpu",
+    cfg = harness.bench_config(method, "mlp", 8, dataset="fashion-mnist", device="cpu",
                              precision="fp32", model_args={"width": 16})
-    b = bench.make_bench(dataclasses.replace(cfg, eps=0.1), steps=2)
+    b = harness.make_bench(dataclasses.replace(cfg, eps=0.1), steps=2)
     before = {k: v.clone() for k, v in b.model.state_dict().items()}
     stats = b.run(b.method.train_epoch, max_steps=2)
     assert math.isfinite(stats["train_loss"])

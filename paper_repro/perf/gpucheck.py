@@ -21,30 +21,25 @@ prints a table: images/s eager and compiled, s/epoch and MFU of the faster, and 
 each Table 1 row would take at paper scale (its epochs × its per-epoch time; AFT rows add
 their 200-epoch natural pre-training, AFT(+500K)'s on 550,000 images).
 
-Budget (`--budget-s`, default 420 s after the imports): a piece starts only if its minimum
-time fits; a piece still running at the deadline is interrupted (SIGALRM: Python code, a
-compilation included, stops at its next bytecode; a CUDA call returns first); the epoch stops
+Budget (`--budget-s`, default 420 s after the imports; budget.py): a piece starts only if its
+minimum time fits; a piece still running at the deadline is interrupted; the epoch stops
 early and extrapolates. Whatever did not run is listed as skipped, and the results so far are
 written all the same.
 
 Without a GPU it prints one line and exits 0. `--device cpu --tiny` (hidden; for the tests)
 runs every piece on the CPU with a width-4 cnn-small, batch 8, a few steps, and compiles only
 two pairs, with aot_eager (inductor's C++ compile takes minutes on a CPU), so that the code
-path is exercised in CI. This module imports nothing that needs submitit or other optional packages.
-Slightly over 400 lines because the GPU machine gets one file to run: its pieces, budget and
-report stay together.
+path is exercised in CI. This module imports nothing that needs submitit or other optional
+packages.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import signal
 import subprocess
 import time
-import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -53,7 +48,9 @@ from . import bench
 from ..runtime import fastpath
 from ..data import dataset_info
 from ..errors import ConfigError
-from .gpus import gpu_of
+from .budget import Budget, PieceLog, run_piece
+from .gpus import device_name, device_slug, gpu_of
+from .harness import bench_config, make_bench
 
 # Whose (method, architecture) pairs are benched: Table 1's, then each method that only a
 # later experiment trains (beyond the paper: last, so the budget cuts them first).
@@ -94,78 +91,13 @@ TINY = Scale(arch="cnn-small", model_args={"width": 4}, batch=8, warmup=1, steps
              min_bench_s=0, min_compiled_s=0, min_epoch_s=0, check_reserve_s=0)
 
 
-# --- the budget -------------------------------------------------------------------------------
-
-class BudgetExceeded(Exception):
-    """The check's wall-clock budget ran out while a piece was running."""
-
-
-class Budget:
-    """The check's wall-clock budget: pieces start only if their minimum fits, and a piece
-    still running at the deadline is interrupted by SIGALRM (main thread only)."""
-
-    def __init__(self, seconds: float) -> None:
-        self.start = time.monotonic()
-        self.deadline = self.start + max(seconds, 0.0)
-
-    def remaining(self) -> float:
-        return self.deadline - time.monotonic()
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.start
-
-    @contextlib.contextmanager
-    def hard_stop(self) -> Iterator[None]:
-        """Raise BudgetExceeded inside the block when the deadline passes."""
-        left = self.remaining()
-        if left <= 0:
-            raise BudgetExceeded
-
-        def expire(_signum: int, _frame: Any) -> None:
-            raise BudgetExceeded
-
-        previous = signal.signal(signal.SIGALRM, expire)
-        signal.setitimer(signal.ITIMER_REAL, left)
-        try:
-            yield
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
-
-
 @dataclasses.dataclass
-class Report:
+class Report(PieceLog):
     """What the check measured, skipped and failed; written as the JSON's "gpucheck"."""
 
     entries: dict[tuple[str, str, bool], dict[str, Any]] = dataclasses.field(default_factory=dict)
     epoch: dict[str, Any] | None = None
     bf16_check: dict[str, Any] | None = None
-    skipped: list[str] = dataclasses.field(default_factory=list)
-    failed: list[str] = dataclasses.field(default_factory=list)
-    # piece -> its traceback: a GPU lease is scarce, the JSON must say where a piece broke
-    tracebacks: dict[str, str] = dataclasses.field(default_factory=dict)
-    out_of_time: bool = False
-
-
-def _run_piece(name: str, min_s: float, budget: Budget, report: Report,
-               fn: Callable[[], None]) -> None:
-    """Run one piece inside the budget; record it as skipped or failed instead of raising."""
-    if report.out_of_time or budget.remaining() < max(min_s, 1e-9):
-        report.skipped.append(name)
-        return
-    try:
-        with budget.hard_stop():
-            fn()
-    except BudgetExceeded:
-        report.out_of_time = True
-        report.skipped.append(f"{name} (cut off at the deadline)")
-    except torch.OutOfMemoryError:
-        report.failed.append(f"{name}: out of device memory")
-        report.tracebacks[name] = traceback.format_exc()
-        torch.cuda.empty_cache()
-    except Exception as e:  # one broken piece must not lose the others' measurements
-        report.failed.append(f"{name}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
-        report.tracebacks[name] = traceback.format_exc()
 
 
 # --- learnable synthetic CIFAR-shaped data ----------------------------------------------------
@@ -232,10 +164,10 @@ def _epoch_and_bf16_check(report: Report, scale: Scale, device: str, budget: Bud
     """One PGD-10 AT epoch of WRN-28-10 (timed), then PGD-20 in fp32 vs bf16 on its model."""
     from ..robustness.evaluation import pgd_accuracy
 
-    cfg = bench.bench_config("pgd_at", scale.arch or "wrn-28-10", scale.batch, device=device,
+    cfg = bench_config("pgd_at", scale.arch or "wrn-28-10", scale.batch, device=device,
                              precision="bf16", model_args=scale.model_args)
     cfg = dataclasses.replace(cfg, drop_last=False, eps=EPS)  # 50,000 / 128 = 391 steps
-    b = bench.make_bench(cfg, steps=0, data=class_pattern_images(scale.epoch_images, seed=1))
+    b = make_bench(cfg, steps=0, data=class_pattern_images(scale.epoch_images, seed=1))
     fastpath.prepare_model(b.model, cfg, b.device)
     ctx = b.context()
     loader = _UntilDeadline(ctx.loader, budget.deadline - scale.check_reserve_s)
@@ -386,7 +318,7 @@ def format_table(report: Report, rows: list[dict[str, Any]]) -> str:
 def _gpu_info(device: torch.device) -> dict[str, Any]:
     """The GPU, and what nvidia-smi says about power and clocks (SXM or PCIe matters for MFU)."""
     if device.type != "cuda":
-        return {"device": bench.device_name(device)}
+        return {"device": device_name(device)}
     props = torch.cuda.get_device_properties(device)
     gpu = gpu_of(props.name)
     info: dict[str, Any] = {"device": props.name,
@@ -429,19 +361,19 @@ def main(args: argparse.Namespace) -> int:
     if args.tiny:
         torch.set_num_threads(1)  # the tests' CPU is shared: more threads stall in OpenMP
     report = Report()
-    name = bench.device_slug(device) + ("-tiny" if args.tiny else "")
+    name = device_slug(device) + ("-tiny" if args.tiny else "")
     path = Path(args.results_dir) / "bench" / f"{name}.json"
     info = _gpu_info(device)
     print(f"gpucheck on {info['device']}: budget {args.budget_s:.0f} s", flush=True)
     dev = str(device)
     pairs = bench_pairs()
     for method, arch in pairs:
-        _run_piece(f"bench {method} {arch} eager", scale.min_bench_s, budget, report,
+        run_piece(f"bench {method} {arch} eager", scale.min_bench_s, budget, report,
                    lambda m=method, a=arch: _measure(report, scale, dev, m, a, False))
-    _run_piece("PGD-10 AT epoch of wrn-28-10 + bf16-vs-fp32 PGD-20 check", scale.min_epoch_s,
+    run_piece("PGD-10 AT epoch of wrn-28-10 + bf16-vs-fp32 PGD-20 check", scale.min_epoch_s,
                budget, report, lambda: _epoch_and_bf16_check(report, scale, dev, budget))
     for method, arch in pairs[:scale.compiled_pairs]:
-        _run_piece(f"bench {method} {arch} compiled", scale.min_compiled_s, budget, report,
+        run_piece(f"bench {method} {arch} compiled", scale.min_compiled_s, budget, report,
                    lambda m=method, a=arch: _measure(report, scale, dev, m, a, True))
 
     rows = table1_hours(report)

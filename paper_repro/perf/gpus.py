@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import ConfigError
 
 
@@ -53,3 +55,28 @@ def gpu_of(device_name: str) -> Gpu | None:
     """The entry whose pattern matches a device name (torch's or a bench entry's), or None."""
     return next((gpu for gpu in GPUS if re.search(gpu.pattern, device_name, re.IGNORECASE)),
                 None)
+
+
+# --- the device a measurement ran on ----------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from ..runtime.provenance import hardware
+    threads = torch.get_num_threads()
+    return f"cpu: {hardware()['cpu']} ({threads} thread{'s' if threads > 1 else ''})"
+
+
+def device_slug(device: torch.device) -> str:
+    """File name of a device's results: 'cpu', or the GPU's name ('nvidia-h100-80gb-hbm3')."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def datasheet_peak(device: torch.device) -> float | None:
+    """The device's dense datasheet peak (this table, the one plan uses), None if not known."""
+    if device.type != "cuda":
+        return None
+    gpu = gpu_of(torch.cuda.get_device_name(device))
+    return None if gpu is None else gpu.peak_tflops

@@ -37,7 +37,7 @@ from typing import Sequence
 import torch
 
 from ..store import layout
-from .bench import make_bench
+from .harness import make_bench
 from ..config import RunConfig
 from ..data import dataset_info
 from ..data.registry import EXTRA_DATA
