@@ -460,8 +460,8 @@ def test_split_sizes_are_typed_once_on_the_registry():
     read them there, and none of them types a count again."""
     import inspect
 
-    from paper_repro import export
-    from paper_repro.perf import bench
+    from paper_repro import export, model_card
+    from paper_repro.perf import bench, harness
     from paper_repro.perf import gpucheck
     from paper_repro.perf import plan
     from paper_repro.config import build_config
@@ -477,7 +477,7 @@ def test_split_sizes_are_typed_once_on_the_registry():
     with_ti500k = build_config(("t", {"dataset": "cifar10", "extra_data": "ti500k", "val_n": 10}))
     assert plan.train_images(with_ti500k) == 50_000 - 10 + 500_000
     assert gpucheck.GPU.epoch_images == 50_000
-    for module in (bench, export, gpucheck, plan):
+    for module in (bench, harness, export, model_card, gpucheck, plan):
         source = inspect.getsource(module)
         for count in ("1_281_167", "500_000", "60_000", "50_000", "10_000"):
             assert count not in source, (module.__name__, count)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from paper_repro import cli, export, load_model, load_test_images, results
+from paper_repro import cli, export, load_model, load_test_images, model_card, results
 from paper_repro.orchestration import local
 from paper_repro.config import build_config
 from paper_repro.errors import CheckpointError, DataError, ReproError
@@ -123,7 +123,7 @@ def test_library_architectures_are_named_so_their_library_rebuilds_them():
 
     for arch, rebuild in (("torchvision:resnet18", torchvision.models.get_model),
                           ("timm:resnet18", timm.create_model)):
-        named = export._architecture(build_config(("t", {"arch": arch})), 10, 3)
+        named = model_card._architecture(build_config(("t", {"arch": arch})), 10, 3)
         assert named["architecture"] == "resnet18" and named["library"] == arch.split(":")[0]
         assert named["build"].endswith("('resnet18', num_classes=10)")
         ours = create_model(arch, num_classes=10, in_channels=3, mean=(0.5,) * 3, std=(0.2,) * 3)

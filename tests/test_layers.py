@@ -33,6 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("training",), ("orchestration",), ("perf", "report"), ("api",), ("cli",), ("plugins",))
 TOP_LEVEL = {  # paper_repro's own top-level modules; a subpackage is its own group
     "paper_repro": "api", "paper_repro.api": "api", "paper_repro.export": "api",
+    "paper_repro.model_card": "api",
     "paper_repro.results": "store", "paper_repro.errors": "kernel", "paper_repro.faults": "kernel",
     "paper_repro.config": "config", "paper_repro.experiment": "config", "paper_repro.cli": "cli",
     "paper_repro.__main__": "cli"}
