@@ -28,7 +28,8 @@ from baselines.mart import MARTObjective
 from paper_repro.training.adversarial import PGDObjective, PGDSettings
 from baselines.trades import TRADESObjective
 from paper_repro.errors import ConfigError
-from paper_repro.training.methods import Context, Method, Objective, objective_epoch, register_method
+from paper_repro.training.methods import (Context, Method, Objective, objective_epoch,
+                                          register_method)
 
 LOSSES = ("ce", "trades", "mart")
 REFERENCE_GAMMA = {"ce": 0.01, "trades": 5e-3}  # AT-AWP's, TRADES-AWP's (MART-AWP: no script)

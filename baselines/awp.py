@@ -50,7 +50,8 @@ from paper_repro.training.adversarial import PGDObjective, PGDSettings
 from baselines.trades import TRADESObjective, TRADESSettings
 from paper_repro.config import RunConfig
 from paper_repro.errors import ConfigError
-from paper_repro.training.methods import Context, Method, Objective, objective_epoch, register_method
+from paper_repro.training.methods import (Context, Method, Objective, objective_epoch,
+                                          register_method)
 
 _EPS = 1e-20  # the reference's guard against a zero gradient
 

@@ -19,7 +19,8 @@ flip, α = 10/255 at ε = 8/255.
 
 Deviations:
 - No apex O2 / fp16: fp32 weights throughout (the reference keeps no fp32 master weights by
-  default); on a GPU the convs run in bf16 autocast (`paper_repro/runtime/fastpath.py`), fp32 on CPU.
+  default); on a GPU the convs run in bf16 autocast (`paper_repro/runtime/fastpath.py`), fp32 on
+  CPU.
 - δ lives in [0,1] pixel space and the model normalises internally, instead of a per-channel
   ε_c = ε/σ_c in normalised space: equivalent, since sign() ignores positive per-channel scales.
 - The guard's PGD-5 is the suite's PGD, which keeps stepping examples already misclassified

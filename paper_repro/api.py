@@ -6,8 +6,8 @@
 This is the runner's AFT, not a second implementation: the config is resolved from AFT's recipe
 (`baselines/aft.py`: Adam, `slow_start_fast_decay` stepped every iteration, PGD-10 with
 α = ε/4, random start, train-mode BatchNorm during the attack), the optimiser comes from the
-method, and every epoch is `AFT.train_epoch` (PGD AT's step, `paper_repro.training.adversarial`, which
-calls `attacks.pgd`). Only the data side is adapted: any re-iterable with len() that yields
+method, and every epoch is `AFT.train_epoch` (PGD AT's step, `paper_repro.training.adversarial`,
+which calls `attacks.pgd`). Only the data side is adapted: any re-iterable with len() that yields
 (x, y) pairs (a torch DataLoader, a list of tensors) instead of the runner's ArrayLoader.
 """
 from __future__ import annotations

@@ -3,12 +3,12 @@
     submit_sweep(configs, options) -> job ids     one array per sweep (plus one per dependency)
     status(configs) -> rows        done / running / queued / failed / interrupted / not submitted
     ExecutorOptions                               what to ask SLURM for (partition, GPUs, time...)
-    options_from_args                            the CLI's --slurm flags (cli/parser.py SLURM_FLAGS) read
+    options_from_args(args)                       the --slurm flags (cli/parser.py SLURM_FLAGS)
 
 Why it is shaped this way (DESIGN §10):
 - The store is the source of truth. A run whose record is done is never submitted again, and a
-  job only calls `paper_repro.training.runner.train_run(cfg)`, which resumes from the run's last epoch
-  checkpoint. So a job that is preempted, timed out or requeued by an admin loses at most one
+  job only calls `paper_repro.training.runner.train_run(cfg)`, which resumes from the run's last
+  epoch checkpoint. So a job that is preempted, timed out or requeued by an admin loses at most one
   epoch, and re-submitting a sweep is always safe.
 - What the store cannot know (is a job for this run already queued?) is kept in a small ledger
   per run, `<run_dir>/slurm.json` (job id, log paths), and checked against the scheduler itself
@@ -16,13 +16,14 @@ Why it is shaped this way (DESIGN §10):
 - A run that needs another run first (AFT needs its natural pre-training, self-training
   pre-training needs its teacher) gets that run as its own job, once per config hash however
   many rows share it, and waits for it with `--dependency=afterok`. The graph is the one the
-  local path walks (paper_repro/training/pipeline.py); the runner never trains a prerequisite itself.
+  local path walks (paper_repro/training/pipeline.py); the runner never trains a prerequisite
+  itself.
 - Where each run stands (store, ledger, scheduler) is status.py's: submission asks it which
   runs are already queued or running, and `status` / `format_status` are re-exported here, the
   one module the CLI reaches the plug-in through.
 - submitit is imported only when a job is built or submitted: the CLI imports this module (by
-  name, cli/parser.py SLURM_LAUNCHER) only for `--slurm` and `status`, and training must not depend on
-  submitit.
+  name, cli/parser.py SLURM_LAUNCHER) only for `--slurm` and `status`, and training must not depend
+  on submitit.
 """
 from __future__ import annotations
 
@@ -112,8 +113,8 @@ def _make_train_job_class() -> type:
 
         def __call__(self, cfg: RunConfig, run_path: str | None = None) -> dict[str, Any]:
             """With N tasks every task runs this: `train` joins them into one data-parallel
-            run (paper_repro.runtime.distributed); rank 0 checkpoints, and after a requeue every rank
-            resumes from rank 0's checkpoint."""
+            run (paper_repro.runtime.distributed); rank 0 checkpoints, and after a requeue every
+            rank resumes from rank 0's checkpoint."""
             import torch
 
             from paper_repro.runtime.distributed import shutdown

@@ -99,7 +99,8 @@ def scheduler_view(ledgers: dict[Path, dict[str, Any]]) -> dict[Path, tuple[str,
             if state is None and time.time() - led.get("submitted_at", 0) < 30:
                 state = ("PENDING", "just submitted")  # slurmdbd lags sbatch by a moment
             out[directory] = state or ("UNKNOWN", "")
-        elif led.get("cluster") == "local" and job_id.isdigit() and Path(f"/proc/{job_id}").exists():
+        elif (led.get("cluster") == "local" and job_id.isdigit()
+              and Path(f"/proc/{job_id}").exists()):
             out[directory] = ("RUNNING", "")
         elif led.get("cluster") == "local" and not job_id:  # the local pool's own entries
             out[directory] = _pool_state(led)
@@ -109,8 +110,9 @@ def scheduler_view(ledgers: dict[Path, dict[str, Any]]) -> dict[Path, tuple[str,
 
 
 def _pool_state(led: dict[str, Any]) -> tuple[str, str]:
-    """A run the local pool (paper_repro/orchestration/pool.py) holds but has not started: queued while that
-    pool's process lives, blocked when a run it needs failed; STALE once the pool is gone."""
+    """A run the local pool (paper_repro/orchestration/pool.py) holds but has not started: queued
+    while that pool's process lives, blocked when a run it needs failed; STALE once the pool is
+    gone."""
     if led.get("state") == "blocked":
         return ("BLOCKED", f"needs {led.get('blocked_by')}, which failed")
     pid = str(led.get("pool_pid", ""))
@@ -140,8 +142,8 @@ def _last_error(log: str | None) -> str:
 def status(configs: Sequence[RunConfig]) -> list[dict[str, Any]]:
     """Where each run of `configs` (and each run they need first) stands, from the store and
     the scheduler or the local pool: one dict per run with run, state (done, running, queued,
-    failed, blocked, interrupted or not submitted), job_id, log (the job's stderr) and detail (metrics, wait reason, or the last
-    error line of the log)."""
+    failed, blocked, interrupted or not submitted), job_id, log (the job's stderr) and detail
+    (metrics, wait reason, or the last error line of the log)."""
     runs = plan_sweep(configs)
     ledgers = {d: led for d in runs if (led := read_ledger(d))}
     view = scheduler_view({d: led for d, led in ledgers.items() if not results.is_done(d)})

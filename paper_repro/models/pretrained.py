@@ -173,8 +173,8 @@ def _timm_weights(name: str, file: str | None) -> Weights:
     except Exception as e:
         if file:
             raise load_error(file, e) from None
-        raise CheckpointError(f"init timm:{name}: cannot get its pretrained weights "
-                              f"({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__}); "
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"init timm:{name}: cannot get its pretrained weights ({reason}); "
                               "offline, give timm's weights file: timm:<name>:<file>") from None
     cfg = net.pretrained_cfg
     state = _as_classifier_state(net.state_dict(), cfg.get("mean"), cfg.get("std"))

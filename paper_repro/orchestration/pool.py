@@ -192,8 +192,8 @@ def train_all(configs: Sequence[RunConfig], slots: Slots, *,
 
 def _in_process(configs: Sequence[RunConfig], outcome: Outcome,
                 say: Callable[[str], None]) -> Outcome:
-    """One slot: each config through `local.train_with_prerequisites` (the public in-process walker), here; a
-    run whose prerequisite failed is reported blocked, the others go on."""
+    """One slot: each config through `local.train_with_prerequisites` (the public in-process
+    walker), here; a run whose prerequisite failed is reported blocked, the others go on."""
     from . import local
 
     failed: set[Path] = set()

@@ -76,8 +76,8 @@ def reference_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
                   alpha: float, steps: int, random_start: bool = True) -> torch.Tensor:
     """PGD-k as locuslab/fast_adversarial and Bag-of-Tricks `attack_pgd` compute it: a mean CE
     and `loss.backward()` with the parameters requiring grad, so each iteration also computes
-    (and accumulates into `.grad`) every weight gradient. Same update order and projection as `attacks.pgd`, so both give the same
-    adversarial examples; only the gradient work differs.
+    (and accumulates into `.grad`) every weight gradient. Same update order and projection as
+    `attacks.pgd`, so both give the same adversarial examples; only the gradient work differs.
     """
     threat = LinfThreat(eps)
     x = x.detach()

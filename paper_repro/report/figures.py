@@ -70,7 +70,8 @@ def fig1_overfitting(run: pd.Series) -> plt.Figure:
     return fig
 
 
-FIG4_PANELS = (("train_pgd_acc", "PGD accuracy, train (%)"), ("test_clean_acc", "clean accuracy, test (%)"),
+FIG4_PANELS = (("train_pgd_acc", "PGD accuracy, train (%)"),
+               ("test_clean_acc", "clean accuracy, test (%)"),
                ("test_pgd_acc", "PGD accuracy, test (%)"))
 
 

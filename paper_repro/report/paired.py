@@ -103,7 +103,8 @@ def _aa_name(row: pd.DataFrame, base: pd.DataFrame) -> str:
 
 def write_paired(experiment: str, scale: str, results_dir: str | Path = "results") -> list[Path]:
     """<table>_paired.{md,csv} when the table has a pair with >= 2 common seeds, else nothing."""
-    if not load_experiment(experiment).pairs:
+    exp = load_experiment(experiment)
+    if not exp.pairs:
         return []
     frame = paired_frame(experiment, scale, results_dir)
     if frame.empty:
@@ -118,7 +119,7 @@ def write_paired(experiment: str, scale: str, results_dir: str | Path = "results
         "FLOPs ratio incl. pre-training": frame["flops_ratio_with_pretrain"].map(
             lambda v: f"{v:.3f}"),
     })
-    if load_experiment(experiment).name == "table1":
+    if exp.name == "table1":
         views = ("(PGD AT (early stop): the PGD AT runs' best validation epoch)",
                  "(an early-stopped PGD AT run trains as long as PGD AT)",
                  "(AFT (+500K): the student's, on the labelled and pseudo-labelled images; its "
@@ -136,9 +137,9 @@ def write_paired(experiment: str, scale: str, results_dir: str | Path = "results
                  "PGD images (the rows of Table 1's own comparisons on all of them), so that "
                  "difference is one of estimates on different images, not paired image by image.")
     out_dir = Path(results_dir) / "tables" / scale
-    title = f"### {load_experiment(experiment).title}: paired differences ({scale} scale)"
-    name = load_experiment(experiment).name  # a file path is written under its name
-    md, csv = out_dir / f"{name}_paired.md", out_dir / f"{name}_paired.csv"
+    title = f"### {exp.title}: paired differences ({scale} scale)"
+    # a file path is written under the experiment's name
+    md, csv = out_dir / f"{exp.name}_paired.md", out_dir / f"{exp.name}_paired.csv"
     results.atomic_write_text(md, f"{title}\n\n{shown.to_markdown(index=False)}\n\n{note}\n")
     results.atomic_write_text(csv, frame.to_csv(index=False))
     return [md, csv]

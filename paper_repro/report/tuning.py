@@ -86,6 +86,7 @@ def write_tuning(experiment: str, scale: str, results_dir: str | Path = "results
     parts: list[str] = []
     for row_id in tuned_rows(exp):
         rule = _rule(exp, row_id)
+        metric_name = METRIC_NAMES.get(rule["metric"], rule["metric"])
         table = candidates(exp, row_id, scale, results_dir)
         if table["metric"].isna().all():
             continue
@@ -98,7 +99,7 @@ def write_tuning(experiment: str, scale: str, results_dir: str | Path = "results
                        "NO: the row's recipe is not the pick; its numbers are not the tuned ones")
         shown = pd.DataFrame({
             "Setting": table["label"],
-            METRIC_NAMES.get(rule["metric"], rule["metric"]): table["metric"].map(lambda v: "" if math.isnan(v) else f"{v:.2f}"),
+            metric_name: table["metric"].map(lambda v: "" if math.isnan(v) else f"{v:.2f}"),
             "Cost (PFLOP)": table["train_flops"].map(
                 lambda v: "" if math.isnan(v) else f"{v / 1e15:.3g}"),
             "Seeds": table["seeds"],
@@ -106,7 +107,7 @@ def write_tuning(experiment: str, scale: str, results_dir: str | Path = "results
         label = exp.row(row_id).get("label", row_id)
         parts += [f"#### {label}: the {rule['sweep']} setting its rule picks",
                   "", shown.to_markdown(index=False), "",
-                  f"Rule: the highest {METRIC_NAMES.get(rule['metric'], rule['metric'])} (mean over the sweep's seeds; validation "
+                  f"Rule: the highest {metric_name} (mean over the sweep's seeds; validation "
                   f"images only, never the test columns) among the settings above; a tie goes to "
                   f"{rule['tie'].replace('fewer train_flops', 'fewer training FLOPs')}. Pick: "
                   f"{chosen or '-'}. The row's recipe is the pick: {verdict}.", ""]

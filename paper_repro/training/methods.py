@@ -125,8 +125,8 @@ class Context:
     global_step: int = 0
     lr_log: list[float] = dataclasses.field(default_factory=list)  # the LR of every step taken
     stop_reason: str | None = None  # set by `request_stop`: the runner ends training after this epoch
-    # data parallel (paper_repro.runtime.distributed): the loader yields this rank's slice of each batch;
-    # the runner sets these two so that a method never talks to the other ranks itself
+    # data parallel (paper_repro.runtime.distributed): the loader yields this rank's slice of each
+    # batch; the runner sets these two so that a method never talks to the other ranks itself
     average_gradients: Callable[[list[torch.optim.Optimizer]], None] | None = None
     gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # the global batch's tensor
 

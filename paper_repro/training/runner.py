@@ -4,8 +4,8 @@ The runner is the same for every method and trains exactly the run it is given: 
 needs first (AFT's pre-training, a self-training teacher) come from the graph in pipeline.py and
 are trained before it by whoever walks that graph (local.py here, slurm/launcher.py on a
 cluster); if one is not done, `train_run` says so in one line. Each step below is a call into a room
-named for what it holds: data/splits.py (images), store/checkpoints.py, monitoring.py, evaluation.py,
-recorder.py (everything written, on rank 0 only), provenance.py.
+named for what it holds: data/splits.py (images), store/checkpoints.py, monitoring.py,
+evaluation.py, recorder.py (everything written, on rank 0 only), provenance.py.
 """
 from __future__ import annotations
 
