@@ -181,7 +181,7 @@ def test_the_graph_of_self_training_is_teacher_then_pretraining_then_fine_tune(t
                                                                                 monkeypatch):
     """One graph (pipeline.plan); the local path trains it in that order, the launcher
     submits the same nodes with the same needs."""
-    from slurm import launcher
+    from slurm import status as slurm_status
 
     cfg = _self_training_row(tmp_path)
     pre = pipeline.pretrain_config(cfg)
@@ -192,7 +192,7 @@ def test_the_graph_of_self_training_is_teacher_then_pretraining_then_fine_tune(t
                                                      cfg.config_hash()]
     assert graph[0].needs == () and graph[1].needs == (graph[0].directory,)
     assert graph[2].needs == (graph[1].directory,)
-    submitted = list(launcher._plan([cfg]).values())
+    submitted = list(slurm_status.plan_sweep([cfg]).values())
     assert [(r.run_path, [n.name for n in r.needs]) for r in submitted] == \
         [(r.run_path, [n.name for n in r.needs]) for r in graph]
 
